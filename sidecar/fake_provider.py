@@ -1,0 +1,379 @@
+"""A fake LLM provider for tests, the demo and the benchmark. Loopback only, never a real key.
+
+It answers in the OpenAI, Azure OpenAI, Anthropic and Gemini shapes (chosen by the path), can
+stream SSE, and can be scripted per key and per model with rules: an error status with the
+provider's real error body, rate-limit headers, delays, and faults such as a connection reset.
+Rules are set in-process (`FakeProvider.script`) or over HTTP (`POST /_fake/rules`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+FAULTS = (
+    "reset_before_headers",  # close the connection without answering
+    "reset_mid_stream",  # send headers and a first chunk, then reset
+    "hang_headers",  # never answer
+    "hang_body",  # headers, a first chunk, then nothing more
+    "not_http",  # answer bytes that are not HTTP
+    "invalid_json",  # 200 with a body that is not JSON
+    "big_error",  # an error status with a 10 MB body
+)
+
+
+@dataclass
+class Rule:
+    key: str | None = None  # the secret it applies to (None: any)
+    model: str | None = None  # the model it applies to (None: any)
+    status: int = 200
+    kind: str | None = None  # error kind for the default body: credential, model_access, rate_limit, quota, server, bad_request, overloaded
+    body: Any = None  # a body to send instead of the provider-shaped default
+    headers: dict[str, str] = field(default_factory=dict)
+    times: int | None = None  # apply to this many requests, then expire
+    delay: float = 0.0  # seconds before the headers
+    fault: str | None = None
+    echo_key: bool = False  # quote the full key (and a masked form) in the error message
+    events: int | None = None  # SSE events to stream
+    event_delay: float | None = None
+
+    def applies(self, key: str | None, model: str | None) -> bool:
+        if self.times is not None and self.times <= 0:
+            return False
+        return (self.key is None or self.key == key) and (self.model is None or self.model == model)
+
+
+@dataclass
+class Seen:
+    """What one request looked like when it reached the fake provider."""
+
+    method: str
+    path: str
+    query: str
+    key: str | None
+    model: str | None
+    shape: str
+    headers: dict[str, str]
+
+
+_GEMINI = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent)$")
+_AZURE = re.compile(r"/openai/deployments/([^/]+)/")
+
+
+class FakeProvider:
+    def __init__(
+        self,
+        *,
+        revoked: set[str] | None = None,
+        valid: set[str] | None = None,
+        events: int = 5,
+        event_delay: float = 0.0,
+        record: int = 10000,
+    ) -> None:
+        self.revoked = set(revoked or ())
+        self.valid = valid  # None: every key not revoked is valid
+        self.events = events
+        self.event_delay = event_delay
+        self.rules: list[Rule] = []
+        self.seen: deque[Seen] = deque(maxlen=record)
+        self.active = 0  # requests being answered now
+        self.cancelled = 0  # requests whose client went away before the answer ended
+        self.completed = 0
+
+    # -- scripting -------------------------------------------------------------------------
+
+    def script(self, **fields: Any) -> Rule:
+        rule = Rule(**fields)
+        if rule.fault is not None and rule.fault not in FAULTS:
+            raise ValueError(f"unknown fault {rule.fault!r}; known: {', '.join(FAULTS)}")
+        self.rules.append(rule)
+        return rule
+
+    def reset(self) -> None:
+        self.rules.clear()
+        self.seen.clear()
+
+    def keys_seen(self) -> list[str | None]:
+        return [s.key for s in self.seen]
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/_fake/rules", self._set_rules)
+        app.router.add_delete("/_fake/rules", self._clear_rules)
+        app.router.add_get("/_fake/requests", self._requests)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def _set_rules(self, request: web.Request) -> web.Response:
+        for fields in await request.json():
+            self.script(**fields)
+        return web.json_response({"rules": len(self.rules)})
+
+    async def _clear_rules(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"rules": 0})
+
+    async def _requests(self, request: web.Request) -> web.Response:
+        return web.json_response([asdict(s) for s in self.seen])
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        try:
+            return await self._answer(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+            self.completed += 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = None
+        shape, model = _shape_and_model(request.path, body)
+        key = _key_of(request)
+        self.seen.append(
+            Seen(request.method, request.path, request.query_string, key, model, shape, dict(request.headers))
+        )
+        if body is None:
+            return _error(shape, 400, "bad_request", "We could not parse the JSON body of your request.")
+        if not key or key in self.revoked or (self.valid is not None and key not in self.valid):
+            return _error(shape, 401 if shape != "gemini" else 400, "credential", _invalid_key_message(shape, key))
+        rule = next((r for r in self.rules if r.applies(key, model)), None)
+        if rule is not None and rule.times is not None:
+            rule.times -= 1
+        if rule is not None and rule.delay:
+            await asyncio.sleep(rule.delay)
+        if rule is not None and rule.fault is not None:
+            return await self._fault(request, rule, shape)
+        if rule is not None and rule.status >= 400:
+            return _rule_error(shape, rule, key or "", model)
+        stream = bool(body.get("stream")) or request.path.endswith(":streamGenerateContent")
+        if stream:
+            events = rule.events if rule and rule.events is not None else self.events
+            delay = rule.event_delay if rule and rule.event_delay is not None else self.event_delay
+            return await _stream(request, shape, model, body, events, delay, rule.headers if rule else {})
+        return web.json_response(_completion(shape, model, request.path), headers=rule.headers if rule else None)
+
+    async def _fault(self, request: web.Request, rule: Rule, shape: str) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        if rule.fault == "reset_before_headers":
+            transport.abort()
+            return web.Response()
+        if rule.fault == "hang_headers":
+            await asyncio.sleep(3600)
+        if rule.fault == "not_http":
+            transport.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\nthis is not http\r\n")
+            transport.close()
+            return web.Response()
+        if rule.fault == "invalid_json":
+            return web.Response(body=b'{"id": "chatcmpl-1", "choices": [', content_type="application/json")
+        if rule.fault == "big_error":
+            return web.Response(status=rule.status if rule.status >= 400 else 500, body=b"x" * (10 * 1024 * 1024))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"delta":{"content":"partial"}}]}\n\n')
+        if rule.fault == "hang_body":
+            await asyncio.sleep(3600)
+        await asyncio.sleep(0.05)
+        transport.abort()
+        return response
+
+
+def _key_of(request: web.Request) -> str | None:
+    headers = request.headers
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:]
+    for name in ("x-api-key", "x-goog-api-key", "api-key"):
+        if name in headers:
+            return headers[name]
+    return request.query.get("key")
+
+
+def _shape_and_model(path: str, body: Any) -> tuple[str, str | None]:
+    model = body.get("model") if isinstance(body, dict) else None
+    if (match := _GEMINI.search(path)) is not None:
+        return "gemini", match.group(1)
+    if (match := _AZURE.search(path)) is not None:
+        return "azure", match.group(1)
+    if path.endswith("/messages"):
+        return "anthropic", model
+    return "openai", model
+
+
+def _mask(key: str | None) -> str:
+    return f"sk-…{key[-4:]}" if key else "(none)"
+
+
+def _invalid_key_message(shape: str, key: str | None) -> str:
+    return {
+        "openai": f"Incorrect API key provided: {_mask(key)}. You can find your API key at https://platform.openai.com/account/api-keys.",
+        "anthropic": "invalid x-api-key",
+        "gemini": "API key not valid. Please pass a valid API key.",
+        "azure": "Access denied due to invalid subscription key or wrong API endpoint.",
+    }[shape]
+
+
+_MESSAGES = {
+    "credential": "Incorrect API key provided",
+    "model_access": "The model `{model}` does not exist or you do not have access to it.",
+    "rate_limit": "Rate limit reached for requests",
+    "quota": "You exceeded your current quota, please check your plan and billing details.",
+    "server": "The server had an error while processing your request.",
+    "bad_request": "Invalid value for 'temperature': must be between 0 and 2.",
+    "overloaded": "Overloaded",
+}
+_DEFAULT_KIND = {401: "credential", 403: "model_access", 404: "model_access", 429: "rate_limit", 529: "overloaded"}
+
+
+def _rule_error(shape: str, rule: Rule, key: str, model: str | None) -> web.Response:
+    if rule.fault is None and rule.body is not None:
+        body = rule.body if isinstance(rule.body, str) else json.dumps(rule.body)
+        return web.Response(status=rule.status, text=body, content_type="application/json", headers=rule.headers)
+    kind = rule.kind or _DEFAULT_KIND.get(rule.status, "server" if rule.status >= 500 else "bad_request")
+    message = _MESSAGES[kind].format(model=model)
+    if rule.echo_key:
+        message += f" Key used: {key} ({_mask(key)})."
+    return _error(shape, rule.status, kind, message, rule.headers)
+
+
+_OPENAI_CODES = {
+    "credential": ("invalid_request_error", "invalid_api_key"),
+    "model_access": ("invalid_request_error", "model_not_found"),
+    "rate_limit": ("requests", "rate_limit_exceeded"),
+    "quota": ("insufficient_quota", "insufficient_quota"),
+    "server": ("server_error", None),
+    "bad_request": ("invalid_request_error", None),
+    "overloaded": ("server_error", None),
+}
+_ANTHROPIC_TYPES = {
+    "credential": "authentication_error",
+    "model_access": "permission_error",
+    "rate_limit": "rate_limit_error",
+    "quota": "rate_limit_error",
+    "server": "api_error",
+    "bad_request": "invalid_request_error",
+    "overloaded": "overloaded_error",
+}
+_GEMINI_STATUS = {
+    "credential": "INVALID_ARGUMENT",
+    "model_access": "PERMISSION_DENIED",
+    "rate_limit": "RESOURCE_EXHAUSTED",
+    "quota": "RESOURCE_EXHAUSTED",
+    "server": "INTERNAL",
+    "bad_request": "INVALID_ARGUMENT",
+    "overloaded": "UNAVAILABLE",
+}
+
+
+def _error(shape: str, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    if shape == "anthropic":
+        body: dict[str, Any] = {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
+    elif shape == "gemini":
+        body = {"error": {"code": status, "message": message, "status": _GEMINI_STATUS[kind]}}
+        if kind == "credential":
+            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]
+    elif shape == "azure" and kind == "credential":
+        body = {"error": {"code": "401", "message": message}}
+    else:
+        type_, code = _OPENAI_CODES[kind]
+        body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _completion(shape: str, model: str | None, path: str) -> dict[str, Any]:
+    if shape == "anthropic":
+        return {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": "Hello from the fake provider."}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 12, "output_tokens": 7},
+        }
+    if shape == "gemini":
+        return {
+            "candidates": [{"content": {"parts": [{"text": "Hello from the fake provider."}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 7, "totalTokenCount": 19},
+        }
+    if path.endswith("/models"):
+        return {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "fake"}]}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake provider."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+    }
+
+
+def _sse_events(shape: str, model: str | None, body: dict[str, Any], count: int) -> list[bytes]:
+    def data(obj: Any, event: str | None = None) -> bytes:
+        head = f"event: {event}\n" if event else ""
+        return f"{head}data: {json.dumps(obj)}\n\n".encode()
+
+    if shape == "anthropic":
+        events = [data({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}}, "message_start")]
+        events.append(data({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start"))
+        events += [data({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"tok{i} "}}, "content_block_delta") for i in range(count)]
+        events.append(data({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        events.append(data({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": count}}, "message_delta"))
+        events.append(data({"type": "message_stop"}, "message_stop"))
+        return events
+    if shape == "gemini":
+        return [
+            data({"candidates": [{"content": {"parts": [{"text": f"tok{i} "}], "role": "model"}, "index": 0}], "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": i + 1}})
+            for i in range(count)
+        ]
+    chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model}
+    events = [data({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}) for i in range(count)]
+    events.append(data({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append(data({**chunk, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": count, "total_tokens": 12 + count}}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+async def _stream(
+    request: web.Request, shape: str, model: str | None, body: dict[str, Any], count: int, delay: float, headers: dict[str, str]
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
+    await response.prepare(request)
+    for event in _sse_events(shape, model, body, count):
+        await response.write(event)
+        if delay:
+            await asyncio.sleep(delay)
+    await response.write_eof()
+    return response
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="keymux's fake LLM provider (loopback only)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=4100)
+    parser.add_argument("--revoked", action="append", default=[], help="a key that answers as revoked")
+    args = parser.parse_args()
+    web.run_app(FakeProvider(revoked=set(args.revoked)).app(), host=args.host, port=args.port, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

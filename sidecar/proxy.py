@@ -1,0 +1,507 @@
+"""The app-facing proxy: moves bytes and asks the core what to do.
+
+One Exchange per app request: read the body once, pick a key, forward, classify the answer,
+retry on another key (or the next provider) while nothing has reached the app, then stream
+the final answer through chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.classify import Verdict, classify
+from sidecar.health import Key, KeyStatus
+from sidecar.metrics import Metrics
+from sidecar.outcome import Outcome
+from sidecar.providers import APP_CREDENTIAL_HEADERS, APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS
+from sidecar.runtime import Provider, Runtime, retry_after_header
+from sidecar.usage import UsageTail
+
+access_log = logging.getLogger("keymux.access")
+
+_DROP_REQUEST = HOP_BY_HOP_HEADERS | APP_CREDENTIAL_HEADERS | {"accept-encoding"}
+_DECODED = frozenset({"content-encoding", "content-length"})
+_UPSTREAM_STATUS = {Outcome.TIMEOUT: 504, Outcome.CONNECTION_ERROR: 502}
+
+
+class Proxy:
+    """What outlives a request: the current runtime, the client session, the metrics."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        exchange = Exchange(self, self.runtime, request)
+        self.metrics.inflight.inc()
+        try:
+            return await exchange.run()
+        except asyncio.CancelledError:
+            exchange.outcome = Outcome.CLIENT_DISCONNECTED
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            exchange.report()
+
+
+@dataclass
+class _Failed:
+    """An attempt that failed in a way another key may fix."""
+
+    provider: Provider
+    key: Key
+    model: str
+    verdict: Verdict
+    response: aiohttp.ClientResponse | None = None  # the answer, kept in case it is the last
+    prefix: bytes = b""
+
+
+class Exchange:
+    """One app request, from arrival to the last byte forwarded."""
+
+    def __init__(self, proxy: Proxy, runtime: Runtime, request: web.Request) -> None:
+        self.proxy = proxy
+        self.rt = runtime
+        self.request = request
+        self.metrics = proxy.metrics
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.route_label = "none"
+        self.providers: tuple[Provider, ...] = ()
+        self.path = "/"  # upstream path and query: the route prefix and app credentials removed
+        self.body = b""
+        self._json: Mapping[str, Any] | None = None
+        self._json_parsed = False
+        self._headers: list[tuple[str, str]] | None = None
+        self.tried: dict[str, set[str]] = {}
+        self.done: set[str] = set()  # providers with nothing left to try
+        self.provider_outcomes: dict[str, Outcome] = {}
+        self.keys_tried: list[str] = []
+        self.provider: Provider | None = None  # the one that answered last
+        self.model: str | None = None
+        self.outcome: Outcome | None = None
+        self.status = 0
+        self.ttfb: float | None = None
+        self.bytes_out = 0
+        self.upstream_time = 0.0  # waiting for upstream headers
+        self.streaming_time = 0.0  # forwarding the body, paced by the upstream
+
+    # -- the flow --------------------------------------------------------------------------
+
+    async def run(self) -> web.StreamResponse:
+        found = self.rt.route_for(self.request.path)
+        if found is None:
+            return self._unknown_route()
+        route, self.providers = found
+        self.route_label = route.prefix or "/"
+        rejected = self._take_path(route.prefix) or await self._read_body()
+        if rejected is not None:
+            return rejected
+        candidate = self._next_candidate(None)
+        if candidate is None:
+            return self._no_key()
+        while True:
+            result = await self._attempt(*candidate)
+            if not isinstance(result, _Failed):
+                return result
+            candidate = self._next_candidate(result)
+            if candidate is None:
+                return await self._give_last_answer(result)
+            if result.response is not None:
+                result.response.close()
+            self._count_switch(result, candidate[0])
+
+    def _take_path(self, prefix: str) -> web.Response | None:
+        raw_path, _, query = self.request.raw_path.partition("?")
+        if not raw_path.startswith(prefix):  # the prefix was percent-encoded
+            return self._unknown_route()
+        decoded = self.request.path
+        lowered = decoded.lower()
+        segments = decoded.split("/")
+        if "." in segments or ".." in segments or "\\" in decoded or "%2e" in lowered or "%2f" in lowered:
+            return self.local_error(400, "invalid_path", "keymux: the path must not hold dot segments or encoded separators")
+        self.path = raw_path[len(prefix) :] or "/"
+        if query:
+            query = _strip_credential_query(query)
+            if query:
+                self.path += "?" + query
+        return None
+
+    async def _read_body(self) -> web.Response | None:
+        request = self.request
+        limit = self.rt.config.limits.max_body_bytes
+        length = request.content_length
+        too_large = f"keymux: the request body is over the limit of {limit} bytes"
+        if length is not None and length > limit:
+            return self.local_error(413, "request_too_large", too_large)
+        if not request.body_exists:
+            return None
+        chunks = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                return self.local_error(413, "request_too_large", too_large)
+            chunks.append(chunk)
+        self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return None
+
+    def model_for(self, provider: Provider) -> str:
+        """The model this request asks of `provider` ("" when it names none)."""
+        spec = provider.spec
+        body = self._json_body() if spec.model_in_body else None
+        model = (spec.find_model(self.path.partition("?")[0], body) or "")[:256]
+        if self.model is None and model:
+            self.model = model
+        return model
+
+    def _json_body(self) -> Mapping[str, Any] | None:
+        """The body parsed once, and only when a provider needs the model from it."""
+        if not self._json_parsed:
+            self._json_parsed = True
+            try:
+                parsed = json.loads(self.body) if self.body else None
+            except ValueError:
+                parsed = None
+            self._json = parsed if isinstance(parsed, dict) else None
+        return self._json
+
+    # -- choosing --------------------------------------------------------------------------
+
+    def _next_candidate(self, failed: _Failed | None) -> tuple[Provider, Key] | None:
+        """The next (provider, key) to try, or None when the budget or the keys are spent."""
+        retry = self.rt.config.retry
+        if len(self.keys_tried) >= retry.max_attempts or self.loop.time() - self.started >= retry.budget:
+            return None
+        if failed is not None and failed.verdict.provider_wide:
+            self.done.add(failed.provider.name)
+        for provider in self.providers:
+            if provider.name in self.done:
+                continue
+            key = provider.pool.choose(self.model_for(provider), self.tried.get(provider.name, ()))
+            if key is not None:
+                return provider, key
+            self.done.add(provider.name)
+            self.provider_outcomes.setdefault(provider.name, Outcome.NO_KEY_AVAILABLE)
+        return None
+
+    def _count_switch(self, failed: _Failed, provider: Provider) -> None:
+        reason = failed.verdict.outcome.value
+        if failed.provider is provider:
+            self.metrics.key_retries(provider.name, self._model_label(), reason).inc()
+        else:
+            self.metrics.fallbacks(self.route_label, failed.provider.name, provider.name).inc()
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def _attempt(self, provider: Provider, key: Key) -> web.StreamResponse | _Failed:
+        model = self.model_for(provider)
+        self.provider = provider
+        self.tried.setdefault(provider.name, set()).add(key.name)
+        self.keys_tried.append(f"{provider.name}/{key.name}")
+        sent = self.loop.time()
+        try:
+            response = await self._send(provider, key)
+        except asyncio.CancelledError:
+            provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.upstream_time += self.loop.time() - sent
+            return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
+        waited = self.loop.time() - sent
+        self.upstream_time += waited
+        self.ttfb = waited
+        self.metrics.ttfb(provider.name, self._model_label()).observe(waited)
+        try:
+            return await self._judge(provider, key, model, response)
+        except BaseException:
+            response.close()
+            raise
+
+    async def _send(self, provider: Provider, key: Key) -> aiohttp.ClientResponse:
+        session = self.proxy.session
+        assert session is not None, "Proxy.start() was not awaited"
+        timeouts = self.rt.config.timeouts
+        return await session.request(
+            self.request.method,
+            URL(provider.config.base_url + self.path, encoded=True),
+            headers=self._headers_for(provider, key),
+            data=self.body or None,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(
+                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.response_headers
+            ),
+        )
+
+    def _headers_for(self, provider: Provider, key: Key) -> CIMultiDict[str]:
+        if self._headers is None:
+            incoming = self.request.headers
+            drop = _DROP_REQUEST | _connection_tokens(incoming)
+            self._headers = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
+        headers = CIMultiDict(self._headers)
+        for name, value in provider.spec.default_headers:
+            headers.setdefault(name, value)
+        for name, value in provider.config.headers + key.headers:
+            headers[name] = value
+        headers[provider.spec.auth_header] = provider.spec.auth_value(key.secret)
+        headers["Accept-Encoding"] = "identity"
+        return headers
+
+    async def _judge(
+        self, provider: Provider, key: Key, model: str, response: aiohttp.ClientResponse
+    ) -> web.StreamResponse | _Failed:
+        """Classify the answer: forward it, or report a failure another key may fix."""
+        if response.status < 400:
+            provider.pool.record(key.name, model, Verdict(Outcome.SUCCESS))
+            return await self._forward(provider, key, model, response, b"", Outcome.SUCCESS)
+        try:
+            prefix = await _read_prefix(response, self.rt.config.limits.error_body_bytes)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            response.close()
+            return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
+        verdict = classify(response.status, response.headers, prefix, provider.patterns, time.time())
+        if not verdict.outcome.retryable:
+            provider.pool.record(key.name, model, verdict)
+            return await self._forward(provider, key, model, response, prefix, verdict.outcome)
+        return self._failed(provider, key, model, verdict, response, prefix)
+
+    def _failed(
+        self,
+        provider: Provider,
+        key: Key,
+        model: str,
+        verdict: Verdict,
+        response: aiohttp.ClientResponse | None = None,
+        prefix: bytes = b"",
+    ) -> _Failed:
+        provider.pool.record(key.name, model, verdict)
+        self._count_attempt(provider, key, verdict.outcome)
+        return _Failed(provider, key, model, verdict, response, prefix)
+
+    def _count_attempt(self, provider: Provider, key: Key, outcome: Outcome) -> None:
+        self.metrics.attempt(provider.name, key.name, self._model_label(), outcome)
+        self.provider_outcomes[provider.name] = outcome
+        self.outcome = outcome
+
+    async def _give_last_answer(self, failed: _Failed) -> web.StreamResponse:
+        """Everything failed: the app gets the last upstream answer, or a gateway error."""
+        if failed.response is not None:
+            return await self._forward(
+                failed.provider, failed.key, failed.model, failed.response, failed.prefix, None
+            )
+        outcome = failed.verdict.outcome
+        status = _UPSTREAM_STATUS.get(outcome, 502)
+        tried = ", ".join(self.keys_tried)
+        return self.local_error(status, outcome.value, f"keymux: every attempt failed ({outcome.value}); tried {tried}", outcome)
+
+    # -- streaming the answer --------------------------------------------------------------
+
+    async def _forward(
+        self,
+        provider: Provider,
+        key: Key,
+        model: str,
+        response: aiohttp.ClientResponse,
+        prefix: bytes,
+        outcome: Outcome | None,
+    ) -> web.StreamResponse:
+        """Stream an upstream answer to the app chunk by chunk. `outcome` None: already counted."""
+        if outcome is not None:
+            self._count_attempt(provider, key, outcome)
+        self.status = response.status
+        out = web.StreamResponse(status=response.status, reason=response.reason)
+        length_known = _copy_response_headers(response.headers, out)
+        if prefix:
+            redacted = self.rt.redact(prefix)
+            length_known = length_known and redacted is prefix
+            prefix = redacted
+        if length_known:
+            out.content_length = response.content_length
+        usage = UsageTail.for_response(response.headers) if self.outcome is Outcome.SUCCESS else None
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = self.rt.config.timeouts.idle
+        streaming_from = None
+        try:
+            await out.prepare(self.request)
+            streaming_from = self.loop.time()
+            if prefix:
+                await out.write(prefix)
+                self.bytes_out += len(prefix)
+            async for chunk in response.content.iter_any():
+                if usage is not None:
+                    usage.feed(chunk)
+                self.bytes_out += len(chunk)
+                await out.write(chunk)
+            await out.write_eof()
+        except ConnectionResetError:
+            self._client_gone(provider, key, model)
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            self._broken_stream(provider, key, model, exc)
+        finally:
+            response.close()
+        if streaming_from is not None:
+            self.streaming_time = self.loop.time() - streaming_from
+        if usage is not None and self.outcome is Outcome.SUCCESS:
+            for kind, count in usage.counts().items():
+                self.metrics.tokens(provider.name, key.name, self._model_label(), kind).inc(count)
+        return out
+
+    def _broken_stream(self, provider: Provider, key: Key, model: str, exc: BaseException) -> None:
+        """The upstream failed after bytes reached the app: no retry; cut the app's response."""
+        verdict = Verdict(_transport_outcome(exc))
+        provider.pool.record(key.name, model, verdict)
+        self._count_attempt(provider, key, verdict.outcome)
+        transport = self.request.transport
+        if transport is not None:
+            transport.close()  # an unterminated body tells the app the answer is incomplete
+
+    def _client_gone(self, provider: Provider, key: Key, model: str) -> None:
+        provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
+        self.outcome = Outcome.CLIENT_DISCONNECTED
+
+    # -- local answers ---------------------------------------------------------------------
+
+    def local_error(
+        self, status: int, code: str, message: str, outcome: Outcome = Outcome.CLIENT_ERROR, retry_after: str | None = None
+    ) -> web.Response:
+        """An error keymux itself answers, in the shape the app's SDK expects."""
+        spec = self.providers[0].spec if self.providers else self._guess_spec()
+        headers = {"x-keymux-error": code}
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        self.outcome, self.status = outcome, status
+        return web.Response(
+            status=status, body=spec.error_json(status, code, message), content_type="application/json", headers=headers
+        )
+
+    def _guess_spec(self) -> Any:
+        types = {p.spec.type for p in self.rt.providers.values()}
+        return PROVIDERS[types.pop()] if len(types) == 1 else PROVIDERS["openai"]
+
+    def _unknown_route(self) -> web.Response:
+        prefixes = ", ".join(route.prefix or "/" for route, _ in self.rt.routes)
+        return self.local_error(404, "route_not_found", f"keymux: no route for this path; routes: {prefixes}")
+
+    def _no_key(self) -> web.Response:
+        """No key could take the request at all: 503, or 429 when every one is rate-limited."""
+        now = self.rt.clock()
+        blocked: list[tuple[Provider, KeyStatus]] = []
+        for provider in self.providers:
+            model = self.model_for(provider)
+            blocked += [(provider, status) for status in provider.pool.blocking(model)]
+        parts = [_describe(provider, status, now) for provider, status in blocked]
+        model = self.model or ""
+        if not parts:
+            detail = f"no configured key is allowed to serve model '{model}'" if model else "no keys are configured"
+        else:
+            detail = f"no key can serve model '{model}' right now: " + "; ".join(parts)
+        waits = [status.until - now for _, status in blocked if status.until is not None]
+        limited = bool(blocked) and all(s.last_outcome is Outcome.RATE_LIMITED for _, s in blocked)
+        retry_after = retry_after_header(min(waits)) if waits else None
+        status = 429 if limited else 503
+        return self.local_error(status, "no_key_available", f"keymux: {detail}", Outcome.NO_KEY_AVAILABLE, retry_after)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _model_label(self) -> str:
+        return self.metrics.models(self.model)
+
+    def report(self) -> None:
+        outcome = self.outcome or Outcome.CLIENT_DISCONNECTED
+        duration = self.loop.time() - self.started
+        model = self._model_label()
+        provider = self.provider.name if self.provider else "none"
+        metrics = self.metrics
+        metrics.requests(self.route_label, provider, model, outcome.value).inc()
+        metrics.duration(self.route_label, model, outcome.value).observe(duration)
+        metrics.overhead(self.route_label).observe(max(duration - self.upstream_time - self.streaming_time, 0.0))
+        for name, result in self.provider_outcomes.items():
+            metrics.provider_requests(name, model, result.value).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "request",
+                extra={
+                    "fields": {
+                        "route": self.route_label,
+                        "method": self.request.method,
+                        "provider": provider,
+                        "keys": self.keys_tried,
+                        "model": model,
+                        "attempts": len(self.keys_tried),
+                        "outcome": outcome.value,
+                        "status": self.status,
+                        "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 2),
+                        "duration_ms": round(duration * 1000, 2),
+                        "bytes": self.bytes_out,
+                    }
+                },
+            )
+
+
+def _describe(provider: Provider, status: KeyStatus, now: float) -> str:
+    scope = "every model" if status.model is None else f"model '{status.model}'"
+    why = f" after {status.last_outcome.value}" if status.last_outcome else ""
+    until = f" for {max(status.until - now, 0):.0f} s" if status.until is not None else " (probe in flight)"
+    return f"{provider.name}/{status.key} {status.state.value} for {scope}{why}{until}"
+
+
+def _transport_outcome(exc: BaseException) -> Outcome:
+    return Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECTION_ERROR
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    value = headers.get("connection")
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(","))
+
+
+def _copy_response_headers(upstream: CIMultiDictProxy[str], out: web.StreamResponse) -> bool:
+    """Copy end-to-end headers; True when the upstream Content-Length still holds."""
+    decoded = "content-encoding" in upstream  # the client session decoded the body
+    for name, value in upstream.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP_HEADERS or (decoded and lowered in _DECODED):
+            continue
+        out.headers.add(name, value)
+    return not decoded and upstream.get("content-length") is not None
+
+
+def _strip_credential_query(query: str) -> str:
+    parts = [p for p in query.split("&") if p.partition("=")[0].lower() not in APP_CREDENTIAL_QUERY]
+    return "&".join(parts)
+
+
+async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body, to classify an error without reading all of it."""
+    chunks = []
+    size = 0
+    content = response.content
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,232 @@
+"""The aiohttp shell: the app listener, the admin listener, reloads and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp_retry import ExponentialRetry
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar import __version__
+from sidecar.config import Config, ConfigError, load_config
+from sidecar.health import Backoff
+from sidecar.logs import setup_logging
+from sidecar.metrics import KEY_WIDE_LABEL, Metrics
+from sidecar.proxy import Proxy
+from sidecar.runtime import Runtime
+
+log = logging.getLogger("keymux")
+
+
+def retry_backoff(base: float, cap: float) -> Backoff:
+    """Cooldown schedules come from aiohttp-retry's exponential policy: base x 2^n, capped."""
+    policy = ExponentialRetry(attempts=1, start_timeout=base, max_timeout=cap, factor=2.0)
+    return lambda n: policy.get_timeout(min(n, 30))
+
+
+def read_text(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_file(path: str, env: Mapping[str, str]) -> Config:
+    try:
+        text = read_text(path)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror or exc}") from None
+    return load_config(text, env, read_text)
+
+
+class Sidecar:
+    """Both listeners and everything they share, for one process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_text: Callable[[], str] | None = None,
+        env: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.env = dict(env or {})
+        self.config_text = config_text  # how to read the config again on reload
+        self.metrics = Metrics(config.metrics.max_models)
+        self.proxy = Proxy(Runtime(config, clock, retry_backoff), self.metrics)
+        self.metrics.models.known |= self.proxy.runtime.known_models
+        self.metrics.watch_pools(lambda: [p.pool for p in self.proxy.runtime.providers.values()])
+        self.draining = False
+        self.app = self._proxy_app()
+        self.admin = self._admin_app()
+        self._runners: list[web.AppRunner] = []
+        self._sites: dict[str, web.TCPSite] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.proxy.runtime
+
+    # -- apps ------------------------------------------------------------------------------
+
+    def _proxy_app(self) -> web.Application:
+        app = web.Application(client_max_size=2**63)  # the proxy enforces limits.max_body_bytes
+        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/keys", self._keys)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await self.proxy.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.proxy.close()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            for provider in self.runtime.providers.values():
+                provider.pool.sweep()
+
+    # -- admin endpoints -------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": __version__})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        usable = self.runtime.usable_keys()
+        if usable == 0:
+            return web.json_response({"status": "no usable key"}, status=503)
+        return web.json_response({"status": "ready", "usable_keys": usable})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _keys(self, request: web.Request) -> web.Response:
+        return web.json_response({"keys": self.key_table()})
+
+    def key_table(self) -> list[dict[str, Any]]:
+        """The health table: names, states and times only, never a secret."""
+        now_mono, now_wall = self.clock(), time.time()
+        rows = []
+        for provider in self.runtime.providers.values():
+            for status in provider.pool.statuses():
+                until = None if status.until is None else now_wall + (status.until - now_mono)
+                rows.append(
+                    {
+                        "provider": provider.name,
+                        "key": status.key,
+                        "model": KEY_WIDE_LABEL if status.model is None else status.model,
+                        "state": status.state.value,
+                        "until": None if until is None else _iso(until),
+                        "consecutive_failures": status.failures,
+                        "last_failure": None if status.last_outcome is None else status.last_outcome.value,
+                    }
+                )
+        return rows
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.runtime.config
+        for name, app, (host, port) in (
+            ("admin", self.admin, config.admin_listen),
+            ("app", self.app, config.listen),
+        ):
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            await runner.setup()
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            self._runners.append(runner)
+            self._sites[name] = site
+        log.info("listening", extra={"fields": {"app": _where(self._sites["app"]), "admin": _where(self._sites["admin"])}})
+
+    def port(self, name: str) -> int:
+        """The bound port of a listener (for port 0 in tests)."""
+        server = self._sites[name]._server
+        assert server is not None
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        """Graceful stop: unready at once, accept for drain_delay, finish in-flight work."""
+        shutdown = self.runtime.config.shutdown
+        self.draining = True
+        log.info("draining", extra={"fields": {"drain_delay_s": shutdown.drain_delay, "drain_timeout_s": shutdown.drain_timeout}})
+        await asyncio.sleep(shutdown.drain_delay)
+        await self._sites["app"].stop()
+        deadline = asyncio.get_running_loop().time() + shutdown.drain_timeout
+        while self.metrics.inflight._value.get() > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+
+    def reload(self, text: str | None = None) -> bool:
+        """Swap in a new config if it is valid; the old one keeps serving otherwise."""
+        try:
+            raw = text if text is not None else (self.config_text() if self.config_text else None)
+            if raw is None:
+                return False
+            config = load_config(raw, self.env, read_text)
+        except (ConfigError, OSError) as exc:
+            self.metrics.reloads("failure").inc()
+            log.error("config reload rejected; the previous config keeps serving", extra={"fields": {"reason": str(exc)}})
+            return False
+        runtime = Runtime(config, self.clock, retry_backoff, previous=self.runtime)
+        self.proxy.runtime = runtime
+        self.metrics.models.known |= runtime.known_models
+        self.metrics.forget_keys({(p.name, k.name) for p in runtime.providers.values() for k in p.config.keys})
+        self.metrics.reloads("success").inc()
+        log.info("config reloaded", extra={"fields": {"providers": sorted(config.providers)}})
+        return True
+
+
+def _where(site: web.TCPSite) -> str:
+    return site.name
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
+
+
+async def serve(sidecar: Sidecar, watch: Callable[[Sidecar], Any] | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain. SIGHUP reloads."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
+    await sidecar.start()
+    watcher = asyncio.create_task(watch(sidecar)) if watch is not None else None
+    await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+    await sidecar.drain()
+    return 0
+
+
+def configure_logging(config: Config, sidecar: Sidecar | None = None) -> None:
+    redact = (lambda text: sidecar.runtime.redact.text(text)) if sidecar is not None else None
+    setup_logging(config.log_level, redact)
