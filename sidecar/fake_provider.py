@@ -76,6 +76,7 @@ class FakeProvider:
         events: int = 5,
         event_delay: float = 0.0,
         record: int = 10000,
+        fast: bool = False,
     ) -> None:
         self.revoked = set(revoked or ())
         self.valid = valid  # None: every key not revoked is valid
@@ -86,6 +87,10 @@ class FakeProvider:
         self.active = 0  # requests being answered now
         self.cancelled = 0  # requests whose client went away before the answer ended
         self.completed = 0
+        # Fast mode (the benchmark's upstream): canned answers, no rules, no parsing, no log.
+        self.fast = fast
+        self._canned = json.dumps(_completion("openai", "gpt-4o-mini", "/v1/chat/completions")).encode()
+        self._canned_stream = b"".join(_sse_events("openai", "gpt-4o-mini", {}, events))
 
     # -- scripting -------------------------------------------------------------------------
 
@@ -126,6 +131,8 @@ class FakeProvider:
     # -- answering -------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.fast:
+            return await self._fast(request)
         self.active += 1
         try:
             return await self._answer(request)
@@ -166,6 +173,21 @@ class FakeProvider:
             delay = rule.event_delay if rule and rule.event_delay is not None else self.event_delay
             return await _stream(request, shape, model, body, events, delay, rule.headers if rule else {})
         return web.json_response(_completion(shape, model, request.path), headers=rule.headers if rule else None)
+
+    async def _fast(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        if b'"stream": true' not in raw and b'"stream":true' not in raw:
+            return web.Response(body=self._canned, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if self.event_delay:
+            for event in _sse_events("openai", "gpt-4o-mini", {}, self.events):
+                await response.write(event)
+                await asyncio.sleep(self.event_delay)
+        else:
+            await response.write(self._canned_stream)
+        await response.write_eof()
+        return response
 
     async def _fault(self, request: web.Request, rule: Rule, shape: str) -> web.StreamResponse:
         transport = request.transport
@@ -371,8 +393,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4100)
     parser.add_argument("--revoked", action="append", default=[], help="a key that answers as revoked")
+    parser.add_argument("--fast", action="store_true", help="canned answers only (for benchmarks)")
+    parser.add_argument("--events", type=int, default=5, help="SSE events per stream")
+    parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between SSE events")
     args = parser.parse_args()
-    web.run_app(FakeProvider(revoked=set(args.revoked)).app(), host=args.host, port=args.port, access_log=None)
+    provider = FakeProvider(revoked=set(args.revoked), fast=args.fast, events=args.events, event_delay=args.event_delay)
+    web.run_app(provider.app(), host=args.host, port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":
