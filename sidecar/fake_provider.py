@@ -378,10 +378,10 @@ async def _stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
     await response.prepare(request)
-    for event in _sse_events(shape, model, body, count):
-        await response.write(event)
-        if delay:
+    for i, event in enumerate(_sse_events(shape, model, body, count)):
+        if delay and i:
             await asyncio.sleep(delay)
+        await response.write(event)
     await response.write_eof()
     return response
 
