@@ -33,9 +33,7 @@ class Patterns:
 
     def __init__(self, extra: PatternSet | None = None) -> None:
         extra = extra or {}
-        self._compiled = {
-            kind: _compile((*COMMON_PATTERNS[kind], *extra.get(kind, ()))) for kind in PATTERN_KINDS
-        }
+        self._compiled = {kind: _compile((*COMMON_PATTERNS[kind], *extra.get(kind, ()))) for kind in PATTERN_KINDS}
 
     def matches(self, kind: str, body: bytes) -> bool:
         pattern = self._compiled[kind]
@@ -47,9 +45,7 @@ def _compile(needles: Iterable[str]) -> re.Pattern[bytes] | None:
     return re.compile(b"|".join(alternatives), re.IGNORECASE) if alternatives else None
 
 
-def classify(
-    status: int, headers: Mapping[str, str], body: bytes, patterns: Patterns, now_wall: float
-) -> Verdict:
+def classify(status: int, headers: Mapping[str, str], body: bytes, patterns: Patterns, now_wall: float) -> Verdict:
     """Classify one upstream answer. `body` is a bounded prefix of an error body."""
     if status < 400:
         return SUCCESS
@@ -153,6 +149,6 @@ def retry_after_seconds(headers: Mapping[str, str], now_wall: float) -> float | 
             seconds = _positive(_seconds_until(raw, now_wall))
         if seconds is not None:
             return seconds
-    return _reset_family(
-        headers, "x-ratelimit-{field}-{kind}", _OPENAI_KINDS, "duration", now_wall
-    ) or _reset_family(headers, "anthropic-ratelimit-{kind}-{field}", _ANTHROPIC_KINDS, "time", now_wall)
+    return _reset_family(headers, "x-ratelimit-{field}-{kind}", _OPENAI_KINDS, "duration", now_wall) or _reset_family(
+        headers, "anthropic-ratelimit-{kind}-{field}", _ANTHROPIC_KINDS, "time", now_wall
+    )

@@ -140,6 +140,7 @@ class Config:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_OPTIONAL = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-\}")  # a key written as ${VAR:-}
 _TOP_FIELDS = (
     "listen",
     "admin_listen",
@@ -265,10 +266,9 @@ class _Loader:
         if "key" in raw:
             template = raw["key"]
             secret = self.interpolate(template, f"{path}.key").strip()
-            if not secret and isinstance(template, str) and _VAR.fullmatch(template.strip()):
-                if _VAR.fullmatch(template.strip()).group(2) == "":  # type: ignore[union-attr]
-                    self.warnings.append(f"{path}: skipped, its ${{VAR:-}} is empty")
-                    return None, None
+            if not secret and isinstance(template, str) and _OPTIONAL.fullmatch(template.strip()):
+                self.warnings.append(f"{path}: skipped, its ${{VAR:-}} is empty")
+                return None, None
         else:
             file = self.interpolate(raw["key_file"], f"{path}.key_file")
             secret = self.secret_file(file, f"{path}.key_file")
@@ -332,7 +332,7 @@ def _check_key_names(keys: list[Key], path: str) -> None:
         if key.name in seen:
             raise ConfigError(f"{path}.keys", f"duplicate key name '{key.name}'")
         seen.add(key.name)
-        if len(key.secret) >= 8 and key.secret in key.name or key.name == key.secret:
+        if key.name == key.secret or (len(key.secret) >= 8 and key.secret in key.name):
             raise ConfigError(f"{path}.keys", "a key name must not contain its secret")
 
 

@@ -16,7 +16,11 @@ from sidecar.config import load_config
 from sidecar.fake_provider import FakeProvider
 from sidecar.server import Sidecar, configure_logging
 
-DEMO_KEYS = {"demo-a": "fk-demo-aaaaaaaaaaaa1111", "demo-b": "fk-demo-bbbbbbbbbbbb2222", "demo-c": "fk-demo-cccccccccccc3333"}
+DEMO_KEYS = {
+    "demo-a": "fk-demo-aaaaaaaaaaaa1111",
+    "demo-b": "fk-demo-bbbbbbbbbbbb2222",
+    "demo-c": "fk-demo-cccccccccccc3333",
+}
 REVOKED = "demo-b"
 
 DEMO_CONFIG = """

@@ -45,10 +45,12 @@ class HealthPolicy:
     """Every number of the health rules. Each is a field of the `health:` config section."""
 
     failure_threshold: int = 3
-    failure_backoff: Backoff = exponential(30.0, 600.0)
-    credential_backoff: Backoff = exponential(600.0, 6 * 3600.0)
-    model_backoff: Backoff = exponential(300.0, 3600.0)
-    rate_limit_backoff: Backoff = exponential(30.0, 600.0)  # a 429 that says nothing about when
+    failure_backoff: Backoff = field(default_factory=lambda: exponential(30.0, 600.0))
+    credential_backoff: Backoff = field(default_factory=lambda: exponential(600.0, 6 * 3600.0))
+    model_backoff: Backoff = field(default_factory=lambda: exponential(300.0, 3600.0))
+    rate_limit_backoff: Backoff = field(
+        default_factory=lambda: exponential(30.0, 600.0)
+    )  # a 429 that says nothing about when
     rate_limit_max: float = 3600.0  # cap on what a provider may ask for
     quota_cooldown: float = 1800.0  # insufficient_quota: the account is out of credit
     probe_timeout: float = 600.0  # a half-open probe never reported frees its slot after this
@@ -181,9 +183,7 @@ class KeyPool:
         policy = self.policy
         if outcome is Outcome.RATE_LIMITED:
             asked = verdict.retry_after
-            seconds = (
-                min(asked, policy.rate_limit_max) if asked else policy.rate_limit_backoff(entry.strikes)
-            )
+            seconds = min(asked, policy.rate_limit_max) if asked else policy.rate_limit_backoff(entry.strikes)
             self._cool(entry, seconds, now, outcome)
         elif outcome is Outcome.PERMISSION_ERROR:
             self._cool(entry, policy.model_backoff(entry.strikes), now, outcome)
@@ -300,6 +300,4 @@ def _status(key: str, scope: str | None, entry: Entry | None, now: float) -> Key
     if entry is None:
         return KeyStatus(key, scope, KeyState.USABLE, None, 0, None)
     until = entry.until if entry.until > now else None
-    return KeyStatus(
-        key, scope, entry.state(now, scope is KEY_WIDE), until, entry.failures, entry.last_outcome
-    )
+    return KeyStatus(key, scope, entry.state(now, scope is KEY_WIDE), until, entry.failures, entry.last_outcome)

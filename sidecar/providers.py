@@ -145,7 +145,9 @@ class ProviderSpec:
         return json.dumps(self.error_body(status, code, message)).encode()
 
 
-def _spec(type_: str, header: str, prefix: str, location: str, error: Callable[[int, str, str], dict[str, Any]], **extra: Any) -> ProviderSpec:
+def _spec(
+    type_: str, header: str, prefix: str, location: str, error: Callable[[int, str, str], dict[str, Any]], **extra: Any
+) -> ProviderSpec:
     finder = {
         "body": _model_from_body,
         "path": _model_from_path(_GEMINI_MODEL),

@@ -139,7 +139,9 @@ class Exchange:
         lowered = decoded.lower()
         segments = decoded.split("/")
         if "." in segments or ".." in segments or "\\" in decoded or "%2e" in lowered or "%2f" in lowered:
-            return self.local_error(400, "invalid_path", "keymux: the path must not hold dot segments or encoded separators")
+            return self.local_error(
+                400, "invalid_path", "keymux: the path must not hold dot segments or encoded separators"
+            )
         self.path = raw_path[len(prefix) :] or "/"
         if query:
             query = _strip_credential_query(query)
@@ -306,13 +308,13 @@ class Exchange:
     async def _give_last_answer(self, failed: _Failed) -> web.StreamResponse:
         """Everything failed: the app gets the last upstream answer, or a gateway error."""
         if failed.response is not None:
-            return await self._forward(
-                failed.provider, failed.key, failed.model, failed.response, failed.prefix, None
-            )
+            return await self._forward(failed.provider, failed.key, failed.model, failed.response, failed.prefix, None)
         outcome = failed.verdict.outcome
         status = _UPSTREAM_STATUS.get(outcome, 502)
         tried = ", ".join(self.keys_tried)
-        return self.local_error(status, outcome.value, f"keymux: every attempt failed ({outcome.value}); tried {tried}", outcome)
+        return self.local_error(
+            status, outcome.value, f"keymux: every attempt failed ({outcome.value}); tried {tried}", outcome
+        )
 
     # -- streaming the answer --------------------------------------------------------------
 
@@ -383,7 +385,12 @@ class Exchange:
     # -- local answers ---------------------------------------------------------------------
 
     def local_error(
-        self, status: int, code: str, message: str, outcome: Outcome = Outcome.CLIENT_ERROR, retry_after: str | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        outcome: Outcome = Outcome.CLIENT_ERROR,
+        retry_after: str | None = None,
     ) -> web.Response:
         """An error keymux itself answers, in the shape the app's SDK expects."""
         spec = self.providers[0].spec if self.providers else self._guess_spec()

@@ -19,19 +19,61 @@ def verdict(status, body, headers=None, patterns=DEFAULT):
 
 
 # Bodies from ../shared/reference/providers.md
-GEMINI_INVALID = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT", "details": [{"reason": "API_KEY_INVALID"}]}}
-OPENAI_INVALID = {"error": {"message": "Incorrect API key provided: sk-…abcd.", "type": "invalid_request_error", "code": "invalid_api_key"}}
+GEMINI_INVALID = {
+    "error": {
+        "code": 400,
+        "message": "API key not valid. Please pass a valid API key.",
+        "status": "INVALID_ARGUMENT",
+        "details": [{"reason": "API_KEY_INVALID"}],
+    }
+}
+OPENAI_INVALID = {
+    "error": {
+        "message": "Incorrect API key provided: sk-…abcd.",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+}
 ANTHROPIC_INVALID = {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
-GEMINI_LEAKED = {"error": {"code": 403, "message": "Your API key was reported as leaked. Please use another API key.", "status": "PERMISSION_DENIED"}}
-DEEPSEEK_INVALID = {"error": {"message": "Authentication Fails, Your api key: ****abcd is invalid", "type": "authentication_error", "code": "invalid_request_error"}}
-OPENAI_NO_MODEL = {"error": {"message": "The model `gpt-5` does not exist or you do not have access to it.", "type": "invalid_request_error", "code": "model_not_found"}}
-AZURE_NO_DEPLOYMENT = {"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist."}}
-QUOTA = {"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}
+GEMINI_LEAKED = {
+    "error": {
+        "code": 403,
+        "message": "Your API key was reported as leaked. Please use another API key.",
+        "status": "PERMISSION_DENIED",
+    }
+}
+DEEPSEEK_INVALID = {
+    "error": {
+        "message": "Authentication Fails, Your api key: ****abcd is invalid",
+        "type": "authentication_error",
+        "code": "invalid_request_error",
+    }
+}
+OPENAI_NO_MODEL = {
+    "error": {
+        "message": "The model `gpt-5` does not exist or you do not have access to it.",
+        "type": "invalid_request_error",
+        "code": "model_not_found",
+    }
+}
+AZURE_NO_DEPLOYMENT = {
+    "error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does not exist."}
+}
+QUOTA = {
+    "error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}
+}
 
 
 @pytest.mark.parametrize(
     ("status", "body"),
-    [(400, GEMINI_INVALID), (401, OPENAI_INVALID), (401, ANTHROPIC_INVALID), (403, GEMINI_LEAKED), (401, DEEPSEEK_INVALID), (401, {"message": "Unauthorized"})],
+    [
+        (400, GEMINI_INVALID),
+        (401, OPENAI_INVALID),
+        (401, ANTHROPIC_INVALID),
+        (403, GEMINI_LEAKED),
+        (401, DEEPSEEK_INVALID),
+        (401, {"message": "Unauthorized"}),
+    ],
 )
 def test_credential_failures_are_key_wide(status, body):
     result = verdict(status, body)
@@ -39,7 +81,14 @@ def test_credential_failures_are_key_wide(status, body):
     assert result.key_wide
 
 
-@pytest.mark.parametrize(("status", "body"), [(404, OPENAI_NO_MODEL), (404, AZURE_NO_DEPLOYMENT), (403, {"type": "error", "error": {"type": "permission_error", "message": "no"}})])
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (404, OPENAI_NO_MODEL),
+        (404, AZURE_NO_DEPLOYMENT),
+        (403, {"type": "error", "error": {"type": "permission_error", "message": "no"}}),
+    ],
+)
 def test_model_access_problems_are_scoped_to_the_model(status, body):
     result = verdict(status, body)
     assert result.outcome is Outcome.PERMISSION_ERROR
@@ -93,9 +142,20 @@ def test_user_patterns_extend_the_defaults():
         ({"x-ms-retry-after-ms": "250"}, 0.25),
         ({"retry-after": "12"}, 12.0),
         ({"retry-after": "Tue, 14 Nov 2023 22:14:20 GMT"}, 1700000060.0 - NOW),
-        ({"x-ratelimit-reset-requests": "6m0s", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-tokens": "12ms", "x-ratelimit-remaining-tokens": "5000"}, 360.0),
+        (
+            {
+                "x-ratelimit-reset-requests": "6m0s",
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-tokens": "12ms",
+                "x-ratelimit-remaining-tokens": "5000",
+            },
+            360.0,
+        ),
         ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "20s"}, 1.0),
-        ({"anthropic-ratelimit-tokens-reset": "2023-11-14T22:14:00Z", "anthropic-ratelimit-tokens-remaining": "0"}, 1700000040.0 - NOW),
+        (
+            {"anthropic-ratelimit-tokens-reset": "2023-11-14T22:14:00Z", "anthropic-ratelimit-tokens-remaining": "0"},
+            1700000040.0 - NOW,
+        ),
     ],
 )
 def test_retry_hints(headers, seconds):
@@ -111,6 +171,9 @@ def test_absurd_retry_after_is_passed_on_for_the_policy_to_cap():
     assert retry_after_seconds({"retry-after": str(365 * 86400)}, NOW) == 365 * 86400
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("12ms", 0.012), ("6m0s", 360.0), ("1h2m3.5s", 3723.5), ("30s", 30.0), ("bogus", None), ("5", None)])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("12ms", 0.012), ("6m0s", 360.0), ("1h2m3.5s", 3723.5), ("30s", 30.0), ("bogus", None), ("5", None)],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)

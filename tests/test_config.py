@@ -82,19 +82,59 @@ def test_single_provider_without_routes_serves_the_root():
     ("text", "env", "message"),
     [
         (BASE.replace("${OPENAI_KEY_PRIMARY}", '""'), {}, "providers.openai.keys[0].key: is empty"),
-        (BASE.replace("name: batch", "name: primary").replace("${OPENAI_KEY_BATCH:-}", "sk-2"), {"OPENAI_KEY_PRIMARY": "sk-1"}, "providers.openai.keys: duplicate key name 'primary'"),
-        (BASE + "routes:\n  - prefix: /openai\n    providers: [openai, openai-backup]\n", {"OPENAI_KEY_PRIMARY": "k"}, "routes[0].providers[1]: unknown provider 'openai-backup' (known: openai)"),
-        (BASE + "retries: {}\n", {"OPENAI_KEY_PRIMARY": "k"}, "retries: unknown field (expected one of: listen, admin_listen, log_level, providers, routes, health, retry, timeouts, limits, metrics, shutdown)"),
-        (BASE.replace("type: openai", "type: openia"), {"OPENAI_KEY_PRIMARY": "k"}, "providers.openai.type: 'openia' is not one of: openai, openai-compatible, anthropic, gemini, azure"),
-        (BASE.replace("models: [gpt-4o-mini]", "modles: [gpt-4o-mini]"), {"OPENAI_KEY_PRIMARY": "k"}, "providers.openai.keys[1].modles: unknown field (expected one of: name, key, key_file, models, headers)"),
-        (BASE + "health:\n  failure_threshold: 0\n", {"OPENAI_KEY_PRIMARY": "k"}, "health.failure_threshold: must be a whole number of at least 1"),
-        (BASE + "timeouts:\n  connect: soon\n", {"OPENAI_KEY_PRIMARY": "k"}, "timeouts.connect: 'soon' is not a duration (seconds, or like 500ms, 30s, 10m, 1h)"),
-        (BASE.replace("https://api.openai.com", "ftp://x"), {"OPENAI_KEY_PRIMARY": "k"}, "providers.openai.base_url: 'ftp://x' is not an http(s) URL"),
+        (
+            BASE.replace("name: batch", "name: primary").replace("${OPENAI_KEY_BATCH:-}", "sk-2"),
+            {"OPENAI_KEY_PRIMARY": "sk-1"},
+            "providers.openai.keys: duplicate key name 'primary'",
+        ),
+        (
+            BASE + "routes:\n  - prefix: /openai\n    providers: [openai, openai-backup]\n",
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "routes[0].providers[1]: unknown provider 'openai-backup' (known: openai)",
+        ),
+        (
+            BASE + "retries: {}\n",
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "retries: unknown field (expected one of: listen, admin_listen, log_level, providers, routes, health, retry, timeouts, limits, metrics, shutdown)",
+        ),
+        (
+            BASE.replace("type: openai", "type: openia"),
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "providers.openai.type: 'openia' is not one of: openai, openai-compatible, anthropic, gemini, azure",
+        ),
+        (
+            BASE.replace("models: [gpt-4o-mini]", "modles: [gpt-4o-mini]"),
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "providers.openai.keys[1].modles: unknown field (expected one of: name, key, key_file, models, headers)",
+        ),
+        (
+            BASE + "health:\n  failure_threshold: 0\n",
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "health.failure_threshold: must be a whole number of at least 1",
+        ),
+        (
+            BASE + "timeouts:\n  connect: soon\n",
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "timeouts.connect: 'soon' is not a duration (seconds, or like 500ms, 30s, 10m, 1h)",
+        ),
+        (
+            BASE.replace("https://api.openai.com", "ftp://x"),
+            {"OPENAI_KEY_PRIMARY": "k"},
+            "providers.openai.base_url: 'ftp://x' is not an http(s) URL",
+        ),
         (BASE + "listen: localhost\n", {"OPENAI_KEY_PRIMARY": "k"}, "listen: 'localhost' is not HOST:PORT"),
         ("providers: {}\n", {}, "providers: at least one provider is required"),
         ("providers: [\n", {}, "not valid YAML at line 2, column 1"),
-        (BASE.replace("key: ${OPENAI_KEY_PRIMARY}", "key_file: /nope"), {}, "providers.openai.keys[0].key_file: cannot read /nope: No such file or directory"),
-        (BASE, {"OPENAI_KEY_PRIMARY": "sk has spaces"}, "providers.openai.keys[0].key: contains whitespace or control characters"),
+        (
+            BASE.replace("key: ${OPENAI_KEY_PRIMARY}", "key_file: /nope"),
+            {},
+            "providers.openai.keys[0].key_file: cannot read /nope: No such file or directory",
+        ),
+        (
+            BASE,
+            {"OPENAI_KEY_PRIMARY": "sk has spaces"},
+            "providers.openai.keys[0].key: contains whitespace or control characters",
+        ),
     ],
 )
 def test_errors_name_the_field(text, env, message):
@@ -102,12 +142,16 @@ def test_errors_name_the_field(text, env, message):
 
 
 def test_durations_accept_units():
-    config = load(BASE + "health:\n  credential_cooldown: 10m\n  failure_cooldown: 500ms\n", {"OPENAI_KEY_PRIMARY": "k"})
+    config = load(
+        BASE + "health:\n  credential_cooldown: 10m\n  failure_cooldown: 500ms\n", {"OPENAI_KEY_PRIMARY": "k"}
+    )
     assert (config.health.credential_cooldown, config.health.failure_cooldown) == (600.0, 0.5)
 
 
 def test_error_messages_never_quote_a_secret():
-    message = error_of(BASE.replace("https://api.openai.com", "not a url"), {"OPENAI_KEY_PRIMARY": "sk-very-secret-value"})
+    message = error_of(
+        BASE.replace("https://api.openai.com", "not a url"), {"OPENAI_KEY_PRIMARY": "sk-very-secret-value"}
+    )
     assert "sk-very-secret-value" not in message
 
 
@@ -128,7 +172,10 @@ def test_check_config_exits_non_zero_naming_the_field(tmp_path):
     path.write_text(BASE)
     result = cli("check-config", str(path), env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 1
-    assert result.stderr.strip() == f"{path}: error: providers.openai.keys[0].key: environment variable OPENAI_KEY_PRIMARY is not set"
+    assert (
+        result.stderr.strip()
+        == f"{path}: error: providers.openai.keys[0].key: environment variable OPENAI_KEY_PRIMARY is not set"
+    )
 
 
 def test_check_config_strict_fails_on_warnings(tmp_path):

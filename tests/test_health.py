@@ -93,7 +93,7 @@ def test_rate_limit_without_hint_uses_the_default_and_doubles():
 
 
 def test_credential_failure_disables_the_key_for_every_model():
-    pool, clock = make_pool(("a", "b"))
+    pool, _ = make_pool(("a", "b"))
     pool.record("a", "gemini-pro", CREDENTIAL)
     assert chosen(pool, "gemini-pro", 3) == {"b": 3}
     assert chosen(pool, "gemini-flash", 3) == {"b": 3}
@@ -154,7 +154,7 @@ def test_a_success_resets_the_consecutive_count():
 
 
 def test_permission_error_cools_only_that_model():
-    pool, clock = make_pool(("a", "b"))
+    pool, _ = make_pool(("a", "b"))
     pool.record("a", "gpt-4o", Verdict(Outcome.PERMISSION_ERROR))
     assert chosen(pool, "gpt-4o", 2) == {"b": 2}
     assert chosen(pool, "gpt-4o-mini", 2) == {"a": 1, "b": 1}
@@ -208,7 +208,7 @@ def test_exclude_skips_keys_already_tried_in_this_request():
 
 
 def test_a_concurrent_success_does_not_end_a_newer_cooldown():
-    pool, clock = make_pool(("a",))
+    pool, _ = make_pool(("a",))
     pool.record("a", "m", Verdict(Outcome.RATE_LIMITED, retry_after=30))
     pool.record("a", "m", Verdict(Outcome.SUCCESS))  # a request that started before the 429
     assert pool.choose("m") is None

@@ -200,20 +200,31 @@ async def test_anthropic_sdk_gets_its_key_and_version_header(fake, keymux):
     seen = fake.provider.seen[0]
     assert (seen.key, seen.model) == ("sk-ant-111111111111", "claude-haiku-4-5")
     assert seen.headers["anthropic-version"] == client.default_headers["anthropic-version"]  # the app's own
-    async with km.session.post(km.url + "/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": HI}) as r:
+    async with km.session.post(
+        km.url + "/v1/messages", json={"model": "claude-haiku-4-5", "max_tokens": 5, "messages": HI}
+    ) as r:
         assert r.status == 200
     assert fake.provider.seen[1].headers["anthropic-version"] == "2023-06-01"  # added when absent
     async with client.messages.stream(model="claude-haiku-4-5", max_tokens=10, messages=HI) as stream:
-            text = "".join([chunk async for chunk in stream.text_stream])
+        text = "".join([chunk async for chunk in stream.text_stream])
     assert text == "tok0 tok1 tok2 tok3 tok4 "
 
 
 async def test_azure_deployment_is_the_model(fake, keymux):
-    km = await keymux(f"providers:\n  azure:\n    type: azure\n    base_url: {fake.url}\n    keys: [{{name: z, key: azure-key-0000000}}]\n")
-    client = openai.AsyncAzureOpenAI(azure_endpoint=km.url, api_key="placeholder", api_version="2024-06-01", max_retries=0)
+    km = await keymux(
+        f"providers:\n  azure:\n    type: azure\n    base_url: {fake.url}\n    keys: [{{name: z, key: azure-key-0000000}}]\n"
+    )
+    client = openai.AsyncAzureOpenAI(
+        azure_endpoint=km.url, api_key="placeholder", api_version="2024-06-01", max_retries=0
+    )
     await client.chat.completions.create(model="gpt4o-prod", messages=HI)
     seen = fake.provider.seen[0]
-    assert (seen.key, seen.model, seen.shape, seen.query) == ("azure-key-0000000", "gpt4o-prod", "azure", "api-version=2024-06-01")
+    assert (seen.key, seen.model, seen.shape, seen.query) == (
+        "azure-key-0000000",
+        "gpt4o-prod",
+        "azure",
+        "api-version=2024-06-01",
+    )
     assert seen.headers["api-key"] == "azure-key-0000000"
 
 
