@@ -64,6 +64,15 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, patterns: Pat
     return CLIENT_ERROR
 
 
+def classify_stream_start(first_chunk: bytes, patterns: Patterns) -> Verdict:
+    """A 200 stream whose first event is an error (Anthropic's `event: error`)."""
+    if not first_chunk.startswith(b"event: error"):
+        return SUCCESS
+    verdict = classify(400, {}, first_chunk, patterns, 0.0)
+    # The provider accepted the request, so an error it streams is never the app's mistake.
+    return Verdict(Outcome.UPSTREAM_ERROR) if verdict.outcome is Outcome.CLIENT_ERROR else verdict
+
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|h|m|s))+")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}

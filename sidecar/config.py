@@ -114,6 +114,12 @@ class ShutdownConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    inbound_token: str | None = field(default=None, repr=False)  # the app must present it when set
+    inbound_header: str = "x-keymux-token"  # where; "Bearer " is accepted before the token
+
+
+@dataclass(frozen=True)
 class Config:
     providers: Mapping[str, ProviderConfig]
     routes: tuple[Route, ...]
@@ -126,10 +132,14 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     metrics: MetricsConfig = MetricsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    security: SecurityConfig = SecurityConfig()
     warnings: tuple[str, ...] = ()
 
     def secrets(self) -> set[str]:
-        return {key.secret for provider in self.providers.values() for key in provider.keys}
+        secrets = {key.secret for provider in self.providers.values() for key in provider.keys}
+        if self.security.inbound_token:
+            secrets.add(self.security.inbound_token)
+        return secrets
 
     def key_files(self) -> set[str]:
         return {path for provider in self.providers.values() for path in provider.key_files}
@@ -153,6 +163,7 @@ _TOP_FIELDS = (
     "limits",
     "metrics",
     "shutdown",
+    "security",
 )
 _PROVIDER_FIELDS = ("type", "base_url", "keys", "keys_from_env", "patterns", "headers")
 _KEY_FIELDS = ("name", "key", "key_file", "models", "headers")
@@ -182,6 +193,7 @@ def load_config(text: str, env: Mapping[str, str], read_file: ReadFile) -> Confi
         limits=_section(raw, "limits", LimitsConfig),
         metrics=_section(raw, "metrics", MetricsConfig),
         shutdown=_section(raw, "shutdown", ShutdownConfig),
+        security=loader.security(raw.get("security")),
         warnings=tuple(loader.warnings),
     )
 
@@ -305,6 +317,21 @@ class _Loader:
             _check_secret(secret, f"{path} ({var} entry {i + 1})")
             keys.append(Key(f"{provider}-{start + i + 1}", secret))
         return keys
+
+    def security(self, raw: Any) -> SecurityConfig:
+        if raw is None:
+            return SecurityConfig()
+        _mapping(raw, "security", ("inbound_token", "inbound_header"))
+        token = None
+        if "inbound_token" in raw:
+            token = self.interpolate(raw["inbound_token"], "security.inbound_token").strip()
+            if len(token) < 16:
+                raise ConfigError("security.inbound_token", "must be at least 16 characters")
+            _check_secret(token, "security.inbound_token")
+        header = raw.get("inbound_header", SecurityConfig.inbound_header)
+        if not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9-]+", header):
+            raise ConfigError("security.inbound_header", "is not a valid header name")
+        return SecurityConfig(token, header.lower())
 
     def headers(self, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
         if raw is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Whatever credential the app sent is removed before forwarding (it is a placeholder at best,
@@ -132,7 +132,7 @@ class ProviderSpec:
     find_model: Callable[[str, Mapping[str, Any] | None], str | None]
     error_body: Callable[[int, str, str], dict[str, Any]]
     default_headers: tuple[tuple[str, str], ...] = ()
-    patterns: PatternSet = field(default_factory=dict)
+    stream_errors: bool = False  # errors may arrive as the first event of a 200 SSE stream
 
     @property
     def model_in_body(self) -> bool:
@@ -166,6 +166,7 @@ PROVIDERS: dict[str, ProviderSpec] = {
         "body",
         _anthropic_error,
         default_headers=(("anthropic-version", "2023-06-01"),),
+        stream_errors=True,
     ),
     "gemini": _spec("gemini", "x-goog-api-key", "", "path", _gemini_error),
     "azure": _spec("azure", "api-key", "", "deployment", _openai_error),

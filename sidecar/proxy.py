@@ -8,6 +8,7 @@ the final answer through chunk by chunk.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.classify import Verdict, classify
+from sidecar.classify import SUCCESS, Verdict, classify, classify_stream_start
 from sidecar.health import Key, KeyStatus
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
@@ -103,12 +104,15 @@ class Exchange:
         self.status = 0
         self.ttfb: float | None = None
         self.bytes_out = 0
+        self._attempt_open = False  # an attempt is under way and not yet counted
         self.upstream_time = 0.0  # waiting for upstream headers
         self.streaming_time = 0.0  # forwarding the body, paced by the upstream
 
     # -- the flow --------------------------------------------------------------------------
 
     async def run(self) -> web.StreamResponse:
+        if self.rt.config.security.inbound_token is not None and not self._authorised():
+            return self.local_error(401, "unauthorized", "keymux: this sidecar needs its inbound token")
         found = self.rt.route_for(self.request.path)
         if found is None:
             return self._unknown_route()
@@ -130,6 +134,13 @@ class Exchange:
             if result.response is not None:
                 result.response.close()
             self._count_switch(result, candidate[0])
+
+    def _authorised(self) -> bool:
+        security = self.rt.config.security
+        presented = self.request.headers.get(security.inbound_header, "")
+        if presented[:7].lower() == "bearer ":
+            presented = presented[7:]
+        return hmac.compare_digest(presented.strip().encode(), (security.inbound_token or "").encode())
 
     def _take_path(self, prefix: str) -> web.Response | None:
         raw_path, _, query = self.request.raw_path.partition("?")
@@ -221,24 +232,28 @@ class Exchange:
         self.provider = provider
         self.tried.setdefault(provider.name, set()).add(key.name)
         self.keys_tried.append(f"{provider.name}/{key.name}")
+        self._attempt_open = True
         sent = self.loop.time()
+        response = None
         try:
-            response = await self._send(provider, key)
-        except asyncio.CancelledError:
-            provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self.upstream_time += self.loop.time() - sent
-            return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
-        waited = self.loop.time() - sent
-        self.upstream_time += waited
-        self.ttfb = waited
-        self.metrics.ttfb(provider.name, self._model_label()).observe(waited)
-        try:
+            try:
+                response = await self._send(provider, key)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                self.upstream_time += self.loop.time() - sent
+                return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
+            waited = self.loop.time() - sent
+            self.upstream_time += waited
+            self.ttfb = waited
+            self.metrics.ttfb(provider.name, self._model_label()).observe(waited)
             return await self._judge(provider, key, model, response)
-        except BaseException:
-            response.close()
+        except asyncio.CancelledError:  # the app went away
+            if self._attempt_open:
+                provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
+                self._count_attempt(provider, key, Outcome.CLIENT_DISCONNECTED)
             raise
+        finally:
+            if response is not None and self._attempt_open:
+                response.close()
 
     async def _send(self, provider: Provider, key: Key) -> aiohttp.ClientResponse:
         session = self.proxy.session
@@ -258,7 +273,7 @@ class Exchange:
     def _headers_for(self, provider: Provider, key: Key) -> CIMultiDict[str]:
         if self._headers is None:
             incoming = self.request.headers
-            drop = _DROP_REQUEST | _connection_tokens(incoming)
+            drop = _DROP_REQUEST | _connection_tokens(incoming) | {self.rt.config.security.inbound_header}
             self._headers = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
         headers = CIMultiDict(self._headers)
         for name, value in provider.spec.default_headers:
@@ -273,14 +288,21 @@ class Exchange:
         self, provider: Provider, key: Key, model: str, response: aiohttp.ClientResponse
     ) -> web.StreamResponse | _Failed:
         """Classify the answer: forward it, or report a failure another key may fix."""
-        if response.status < 400:
-            provider.pool.record(key.name, model, Verdict(Outcome.SUCCESS))
-            return await self._forward(provider, key, model, response, b"", Outcome.SUCCESS)
+        first = b""
         try:
-            prefix = await _read_prefix(response, self.rt.config.limits.error_body_bytes)
+            if response.status >= 400:
+                prefix = await _read_prefix(response, self.rt.config.limits.error_body_bytes)
+            elif provider.spec.stream_errors and "event-stream" in response.headers.get("content-type", ""):
+                # An error can arrive as the first event of a 200 stream: peek before answering.
+                first = await response.content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            response.close()
             return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
+        if response.status < 400:
+            verdict = classify_stream_start(first, provider.patterns) if first else SUCCESS
+            if verdict.outcome.retryable:
+                return self._failed(provider, key, model, verdict, response, first)
+            provider.pool.record(key.name, model, SUCCESS)
+            return await self._forward(provider, key, model, response, first, Outcome.SUCCESS)
         verdict = classify(response.status, response.headers, prefix, provider.patterns, time.time())
         if not verdict.outcome.retryable:
             provider.pool.record(key.name, model, verdict)
@@ -301,6 +323,7 @@ class Exchange:
         return _Failed(provider, key, model, verdict, response, prefix)
 
     def _count_attempt(self, provider: Provider, key: Key, outcome: Outcome) -> None:
+        self._attempt_open = False
         self.metrics.attempt(provider.name, key.name, self._model_label(), outcome)
         self.provider_outcomes[provider.name] = outcome
         self.outcome = outcome
@@ -333,7 +356,7 @@ class Exchange:
         self.status = response.status
         out = web.StreamResponse(status=response.status, reason=response.reason)
         length_known = _copy_response_headers(response.headers, out)
-        if prefix:
+        if prefix and response.status >= 400:
             redacted = self.rt.redact(prefix)
             length_known = length_known and redacted is prefix
             prefix = redacted
