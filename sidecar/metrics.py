@@ -80,8 +80,13 @@ class KeyStateCollector(Collector):
         seen: dict[tuple[str, str, str], int] = {}
         for pool in self.pools():
             for status in pool.statuses():
+                gauge = status.state.gauge
+                # Every key has its model="*" series; a model's series lives only while that
+                # model rests, so it is gone once the cooldown ends (the half-open probe is usable).
+                if gauge == 0 and status.model is not None:
+                    continue
                 labels = (pool.provider, status.key, self._model(status))
-                seen[labels] = max(seen.get(labels, 0), status.state.gauge)
+                seen[labels] = max(seen.get(labels, 0), gauge)
         for labels, value in seen.items():
             family.add_metric(list(labels), value)
         yield family
@@ -96,16 +101,30 @@ class Metrics:
         self.models = ModelLabels(max_models, known_models)
         r = self.registry
         self.requests = _Family(
-            Counter("keymux_requests", "App requests, end to end", ["route", "provider", "model", "outcome"], registry=r)
+            Counter(
+                "keymux_requests", "App requests, end to end", ["route", "provider", "model", "outcome"], registry=r
+            )
         )
         self.attempts = _Family(
-            Counter("keymux_upstream_attempts", "Upstream attempts", ["provider", "key", "model", "outcome"], registry=r)
+            Counter(
+                "keymux_upstream_attempts", "Upstream attempts", ["provider", "key", "model", "outcome"], registry=r
+            )
         )
         self.key_retries = _Family(
-            Counter("keymux_key_retries", "Switches to another key of the same provider", ["provider", "model", "reason"], registry=r)
+            Counter(
+                "keymux_key_retries",
+                "Switches to another key of the same provider",
+                ["provider", "model", "reason"],
+                registry=r,
+            )
         )
         self.fallbacks = _Family(
-            Counter("keymux_provider_fallbacks", "Moves to the next provider of a route", ["route", "from_provider", "to_provider"], registry=r)
+            Counter(
+                "keymux_provider_fallbacks",
+                "Moves to the next provider of a route",
+                ["route", "from_provider", "to_provider"],
+                registry=r,
+            )
         )
         self.provider_requests = _Family(
             Counter(
@@ -116,7 +135,13 @@ class Metrics:
             )
         )
         self.ttfb = _Family(
-            Histogram("keymux_upstream_ttfb_seconds", "Time to upstream response headers", ["provider", "model"], buckets=TTFB_BUCKETS, registry=r)
+            Histogram(
+                "keymux_upstream_ttfb_seconds",
+                "Time to upstream response headers",
+                ["provider", "model"],
+                buckets=TTFB_BUCKETS,
+                registry=r,
+            )
         )
         self.duration = _Family(
             Histogram(
@@ -128,10 +153,18 @@ class Metrics:
             )
         )
         self.overhead = _Family(
-            Histogram("keymux_overhead_seconds", "Time spent inside keymux itself", ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+            Histogram(
+                "keymux_overhead_seconds",
+                "Time spent inside keymux itself",
+                ["route"],
+                buckets=OVERHEAD_BUCKETS,
+                registry=r,
+            )
         )
         self.tokens = _Family(
-            Counter("keymux_tokens", "Tokens reported in upstream usage", ["provider", "key", "model", "kind"], registry=r)
+            Counter(
+                "keymux_tokens", "Tokens reported in upstream usage", ["provider", "key", "model", "kind"], registry=r
+            )
         )
         self.inflight = Gauge("keymux_inflight_requests", "App requests in flight", registry=r)
         self.reloads = _Family(Counter("keymux_config_reloads", "Config reloads", ["result"], registry=r))

@@ -133,7 +133,6 @@ class Exchange:
                 return await self._give_last_answer(result)
             if result.response is not None:
                 result.response.close()
-            self._count_switch(result, candidate[0])
 
     def _authorised(self) -> bool:
         security = self.rt.config.security
@@ -206,24 +205,31 @@ class Exchange:
         retry = self.rt.config.retry
         if len(self.keys_tried) >= retry.max_attempts or self.loop.time() - self.started >= retry.budget:
             return None
-        if failed is not None and failed.verdict.provider_wide:
-            self.done.add(failed.provider.name)
+        previous = None
+        if failed is not None:
+            previous = failed.provider
+            if failed.verdict.provider_wide:
+                self.done.add(failed.provider.name)
         for provider in self.providers:
             if provider.name in self.done:
                 continue
             key = provider.pool.choose(self.model_for(provider), self.tried.get(provider.name, ()))
             if key is not None:
+                self._count_switch(previous, provider, failed)
                 return provider, key
             self.done.add(provider.name)
             self.provider_outcomes.setdefault(provider.name, Outcome.NO_KEY_AVAILABLE)
+            previous = provider
         return None
 
-    def _count_switch(self, failed: _Failed, provider: Provider) -> None:
-        reason = failed.verdict.outcome.value
-        if failed.provider is provider:
-            self.metrics.key_retries(provider.name, self._model_label(), reason).inc()
-        else:
-            self.metrics.fallbacks(self.route_label, failed.provider.name, provider.name).inc()
+    def _count_switch(self, previous: Provider | None, provider: Provider, failed: _Failed | None) -> None:
+        """A key retry within a provider, or a fallback to the next provider of the route."""
+        if previous is None:
+            return
+        if previous is not provider:
+            self.metrics.fallbacks(self.route_label, previous.name, provider.name).inc()
+        elif failed is not None:
+            self.metrics.key_retries(provider.name, self._model_label(), failed.verdict.outcome.value).inc()
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -350,9 +356,10 @@ class Exchange:
         prefix: bytes,
         outcome: Outcome | None,
     ) -> web.StreamResponse:
-        """Stream an upstream answer to the app chunk by chunk. `outcome` None: already counted."""
-        if outcome is not None:
-            self._count_attempt(provider, key, outcome)
+        """Stream an upstream answer to the app chunk by chunk.
+
+        The attempt is counted once, with its final outcome; `outcome` None: already counted.
+        """
         self.status = response.status
         out = web.StreamResponse(status=response.status, reason=response.reason)
         length_known = _copy_response_headers(response.headers, out)
@@ -362,48 +369,51 @@ class Exchange:
             prefix = redacted
         if length_known:
             out.content_length = response.content_length
-        usage = UsageTail.for_response(response.headers) if self.outcome is Outcome.SUCCESS else None
+        usage = UsageTail.for_response(response.headers) if outcome is Outcome.SUCCESS else None
         connection = response.connection
         if connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = self.rt.config.timeouts.idle
+        final = outcome
         streaming_from = None
         try:
             await out.prepare(self.request)
             streaming_from = self.loop.time()
             if prefix:
-                await out.write(prefix)
+                if usage is not None:
+                    usage.feed(prefix)
                 self.bytes_out += len(prefix)
+                await out.write(prefix)
             async for chunk in response.content.iter_any():
                 if usage is not None:
                     usage.feed(chunk)
                 self.bytes_out += len(chunk)
                 await out.write(chunk)
             await out.write_eof()
-        except ConnectionResetError:
-            self._client_gone(provider, key, model)
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            self._broken_stream(provider, key, model, exc)
+        except (TimeoutError, ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            final = self._stream_interrupted(provider, key, model, exc)
         finally:
             response.close()
         if streaming_from is not None:
             self.streaming_time = self.loop.time() - streaming_from
-        if usage is not None and self.outcome is Outcome.SUCCESS:
+        if outcome is not None:
+            self._count_attempt(provider, key, final or outcome)
+        else:
+            self.outcome = final or self.outcome
+        if usage is not None and final is Outcome.SUCCESS:
             for kind, count in usage.counts().items():
                 self.metrics.tokens(provider.name, key.name, self._model_label(), kind).inc(count)
         return out
 
-    def _broken_stream(self, provider: Provider, key: Key, model: str, exc: BaseException) -> None:
-        """The upstream failed after bytes reached the app: no retry; cut the app's response."""
-        verdict = Verdict(_transport_outcome(exc))
-        provider.pool.record(key.name, model, verdict)
-        self._count_attempt(provider, key, verdict.outcome)
+    def _stream_interrupted(self, provider: Provider, key: Key, model: str, exc: BaseException) -> Outcome:
+        """The stream stopped after bytes reached the app: no retry is possible any more."""
         transport = self.request.transport
-        if transport is not None:
-            transport.close()  # an unterminated body tells the app the answer is incomplete
-
-    def _client_gone(self, provider: Provider, key: Key, model: str) -> None:
-        provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
-        self.outcome = Outcome.CLIENT_DISCONNECTED
+        if transport is None or transport.is_closing():  # the app went away
+            provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
+            return Outcome.CLIENT_DISCONNECTED
+        verdict = Verdict(_transport_outcome(exc))  # the upstream broke
+        provider.pool.record(key.name, model, verdict)
+        transport.close()  # an unterminated body tells the app the answer is incomplete
+        return verdict.outcome
 
     # -- local answers ---------------------------------------------------------------------
 
@@ -420,10 +430,9 @@ class Exchange:
         headers = {"x-keymux-error": code}
         if retry_after is not None:
             headers["Retry-After"] = retry_after
-        self.outcome, self.status = outcome, status
-        return web.Response(
-            status=status, body=spec.error_json(status, code, message), content_type="application/json", headers=headers
-        )
+        body = spec.error_json(status, code, message)
+        self.outcome, self.status, self.bytes_out = outcome, status, len(body)
+        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
     def _guess_spec(self) -> Any:
         types = {p.spec.type for p in self.rt.providers.values()}

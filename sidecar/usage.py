@@ -41,8 +41,7 @@ class UsageTail:
     def feed(self, chunk: bytes) -> None:
         if self.head is None:
             self.head = chunk
-        else:
-            self.tail.append(chunk)
+        self.tail.append(chunk)  # the first chunk too: a whole answer may come in one read
 
     def counts(self) -> dict[str, int]:
         """The last value reported for each kind (cumulative in every provider's stream)."""
