@@ -293,11 +293,10 @@ def test_every_dashboard_expression_is_valid_promql(tmp_path: Path) -> None:
 
 
 def metrics_docs() -> str:
-    """The metrics section: docs/metrics.md until it is merged into the README."""
-    for path in (ROOT / "README.md", ROOT / "docs" / "metrics.md"):
-        if path.exists() and "| `keymux_upstream_attempts_total` |" in (text := path.read_text(encoding="utf-8")):
-            return text
-    raise AssertionError("neither README.md nor docs/metrics.md has the metrics table")
+    """The README's metrics section: the user's contract."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "| `keymux_upstream_attempts_total` |" in text, "README.md has no metrics table"
+    return text
 
 
 async def test_the_docs_list_every_metric_with_its_labels_and_every_outcome(scrape: Scrape) -> None:
