@@ -64,7 +64,7 @@ class Sidecar:
         self.draining = False
         self.app = self._proxy_app()
         self.admin = self._admin_app()
-        self._runners: list[web.AppRunner] = []
+        self._runners: dict[str, web.AppRunner] = {}
         self._sites: dict[str, web.TCPSite] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -147,18 +147,23 @@ class Sidecar:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Bind the app listener, then the admin one: /healthz answering means both are up,
+        which is what a startupProbe waits for before the app container starts."""
         config = self.runtime.config
         for name, app, (host, port) in (
-            ("admin", self.admin, config.admin_listen),
             ("app", self.app, config.listen),
+            ("admin", self.admin, config.admin_listen),
         ):
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+            # Closing a runner cuts what is still in flight after this grace; drain() is the
+            # path that waits for in-flight work, up to shutdown.drain_timeout.
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=STOP_GRACE)
             await runner.setup()
+            self._runners[name] = runner
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
-            self._runners.append(runner)
             self._sites[name] = site
-        log.info("listening", extra={"fields": {"app": _where(self._sites["app"]), "admin": _where(self._sites["admin"])}})
+        where = {name: _where(site) for name, site in self._sites.items()}
+        log.info("listening", extra={"fields": where})
 
     def port(self, name: str) -> int:
         """The bound port of a listener (for port 0 in tests)."""
@@ -167,40 +172,90 @@ class Sidecar:
         return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def drain(self) -> None:
-        """Graceful stop: unready at once, accept for drain_delay, finish in-flight work."""
+        """Graceful stop: unready at once, accept for drain_delay, finish in-flight work.
+
+        An old-style sidecar gets SIGTERM together with the app, which keeps sending requests
+        for a while, hence drain_delay; then the app listener closes, idle keep-alive
+        connections close, and requests and streams in flight get up to drain_timeout.
+        """
         shutdown = self.runtime.config.shutdown
         self.draining = True
-        log.info("draining", extra={"fields": {"drain_delay_s": shutdown.drain_delay, "drain_timeout_s": shutdown.drain_timeout}})
+        timing = {"drain_delay_s": shutdown.drain_delay, "drain_timeout_s": shutdown.drain_timeout}
+        log.info("draining", extra={"fields": timing})
         await asyncio.sleep(shutdown.drain_delay)
-        await self._sites["app"].stop()
-        deadline = asyncio.get_running_loop().time() + shutdown.drain_timeout
-        while self.metrics.inflight._value.get() > 0 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        site, runner = self._sites.pop("app", None), self._runners.get("app")
+        if site is not None and runner is not None:
+            server = runner.server
+            await site.stop()
+            await asyncio.sleep(0)  # let connections accepted just before the close start their request
+            if server is not None:
+                server.pre_shutdown()  # idle keep-alive connections close; busy ones after their answer
+                await server.shutdown(shutdown.drain_timeout)  # then what is left is cancelled
+        waited = loop.time() - started
+        if waited >= shutdown.drain_timeout:
+            log.warning("drain_timeout reached; requests still in flight were cut", extra={"fields": timing})
         await self.stop()
+        log.info("stopped", extra={"fields": {"drain_s": round(waited, 3)}})
 
     async def stop(self) -> None:
-        for runner in reversed(self._runners):
+        """Close both listeners now; anything still in flight gets STOP_GRACE, then is cut."""
+        for runner in self._runners.values():  # the app listener first, the admin one last
             await runner.cleanup()
         self._runners.clear()
+        self._sites.clear()
 
     def reload(self, text: str | None = None) -> bool:
-        """Swap in a new config if it is valid; the old one keeps serving otherwise."""
+        """Swap in a new config if it is valid; the old one keeps serving otherwise.
+
+        Requests in flight keep the Runtime they started with. The new Runtime adopts the
+        health of every key whose provider, name and value are unchanged.
+        """
+        old = self.runtime.config
         try:
             raw = text if text is not None else (self.config_text() if self.config_text else None)
             if raw is None:
                 return False
             config = load_config(raw, self.env, read_text)
-        except (ConfigError, OSError) as exc:
+            runtime = Runtime(config, self.clock, retry_backoff, previous=self.runtime)
+        except Exception as exc:  # a bad file must never stop the old config serving
             self.metrics.reloads("failure").inc()
-            log.error("config reload rejected; the previous config keeps serving", extra={"fields": {"reason": str(exc)}})
+            reason = str(exc) if isinstance(exc, ConfigError | OSError) else f"{type(exc).__name__}: {exc}"
+            log.error("config reload rejected; the previous config keeps serving", extra={"fields": {"reason": reason}})
             return False
-        runtime = Runtime(config, self.clock, retry_backoff, previous=self.runtime)
         self.proxy.runtime = runtime
         self.metrics.models.known |= runtime.known_models
         self.metrics.forget_keys({(p.name, k.name) for p in runtime.providers.values() for k in p.config.keys})
         self.metrics.reloads("success").inc()
-        log.info("config reloaded", extra={"fields": {"providers": sorted(config.providers)}})
+        if config.log_level != old.log_level:
+            logging.getLogger().setLevel(config.log_level.upper())
+        for field in RESTART_ONLY:
+            if getattr(config, field) != getattr(old, field):
+                log.warning("this change needs a restart; the old value stays", extra={"fields": {"field": field}})
+        for warning in config.warnings:
+            log.warning("config warning", extra={"fields": {"reason": warning}})
+        changes = {"providers": sorted(config.providers), **key_changes(old, config)}
+        log.info("config reloaded", extra={"fields": changes})
         return True
+
+
+STOP_GRACE = 1.0  # seconds stop() lets in-flight work finish before cutting it
+RESTART_ONLY = ("listen", "admin_listen")  # bound sockets stay as they are until a restart
+
+
+def key_changes(old: Config, new: Config) -> dict[str, list[str]]:
+    """provider/key names a reload adds, removes or gives a new value (whose health resets)."""
+
+    def secrets(config: Config) -> dict[str, str]:
+        return {f"{p.name}/{k.name}": k.secret for p in config.providers.values() for k in p.keys}
+
+    before, after = secrets(old), secrets(new)
+    return {
+        "keys_added": sorted(after.keys() - before.keys()),
+        "keys_removed": sorted(before.keys() - after.keys()),
+        "keys_changed": sorted(name for name in before.keys() & after.keys() if before[name] != after[name]),
+    }
 
 
 def _where(site: web.TCPSite) -> str:
@@ -212,17 +267,29 @@ def _iso(wall: float) -> str:
 
 
 async def serve(sidecar: Sidecar, watch: Callable[[Sidecar], Any] | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then drain. SIGHUP reloads."""
+    """Run until SIGTERM or SIGINT, then drain and return 0. SIGHUP reloads."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def on_stop(signum: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("stop signal received", extra={"fields": {"signal": signum.name}})
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_stop, signum)
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        log.error("cannot listen", extra={"fields": {"reason": str(exc)}})
+        await sidecar.stop()
+        return 1
     watcher = asyncio.create_task(watch(sidecar)) if watch is not None else None
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
     await sidecar.drain()
     return 0
 
