@@ -33,6 +33,9 @@ access_log = logging.getLogger("keymux.access")
 
 _DROP_REQUEST = HOP_BY_HOP_HEADERS | APP_CREDENTIAL_HEADERS | {"accept-encoding"}
 _DECODED = frozenset({"content-encoding", "content-length"})
+_ENCODED_SEPARATORS = ("%2e", "%2f", "%5c", "%00", "%25", "%0d", "%0a")
+# TRACE would make an upstream reflect the request, key included; CONNECT asks for a tunnel.
+_REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 _UPSTREAM_STATUS = {Outcome.TIMEOUT: 504, Outcome.CONNECTION_ERROR: 502}
 
 
@@ -52,7 +55,7 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(self, self.runtime, request)
         self.metrics.inflight.inc()
         try:
@@ -80,7 +83,7 @@ class _Failed:
 class Exchange:
     """One app request, from arrival to the last byte forwarded."""
 
-    def __init__(self, proxy: Proxy, runtime: Runtime, request: web.Request) -> None:
+    def __init__(self, proxy: Proxy, runtime: Runtime, request: web.BaseRequest) -> None:
         self.proxy = proxy
         self.rt = runtime
         self.request = request
@@ -113,6 +116,8 @@ class Exchange:
     async def run(self) -> web.StreamResponse:
         if self.rt.config.security.inbound_token is not None and not self._authorised():
             return self.local_error(401, "unauthorized", "keymux: this sidecar needs its inbound token")
+        if self.request.method in _REFUSED_METHODS:
+            return self.local_error(405, "method_not_allowed", f"keymux: {self.request.method} is not forwarded")
         found = self.rt.route_for(self.request.path)
         if found is None:
             return self._unknown_route()
@@ -142,17 +147,24 @@ class Exchange:
         return hmac.compare_digest(presented.strip().encode(), (security.inbound_token or "").encode())
 
     def _take_path(self, prefix: str) -> web.Response | None:
-        raw_path, _, query = self.request.raw_path.partition("?")
-        if not raw_path.startswith(prefix):  # the prefix was percent-encoded
-            return self._unknown_route()
-        decoded = self.request.path
-        lowered = decoded.lower()
-        segments = decoded.split("/")
-        if "." in segments or ".." in segments or "\\" in decoded or "%2e" in lowered or "%2f" in lowered:
+        """Set the upstream path: the app's, the route prefix and app credentials removed.
+
+        The path is only ever appended to the configured base_url, so it must start with "/"
+        and hold nothing an upstream could resolve elsewhere: no dot segments, backslashes or
+        encoded separators. An absolute-form target (`GET http://evil/x`) counts by its path.
+        """
+        target = self.request.rel_url
+        raw_path, query = target.raw_path, target.raw_query_string
+        remainder = raw_path[len(prefix) :]
+        if not raw_path.startswith(prefix) or (remainder and remainder[0] != "/"):
+            return self._unknown_route()  # the prefix was percent-encoded, or not a whole segment
+        lowered = raw_path.lower()
+        segments = self.request.path.split("/")
+        if "." in segments or ".." in segments or "\\" in lowered or any(e in lowered for e in _ENCODED_SEPARATORS):
             return self.local_error(
                 400, "invalid_path", "keymux: the path must not hold dot segments or encoded separators"
             )
-        self.path = raw_path[len(prefix) :] or "/"
+        self.path = remainder or "/"
         if query:
             query = _strip_credential_query(query)
             if query:

@@ -62,9 +62,8 @@ class Sidecar:
         self.metrics.models.known |= self.proxy.runtime.known_models
         self.metrics.watch_pools(lambda: [p.pool for p in self.proxy.runtime.providers.values()])
         self.draining = False
-        self.app = self._proxy_app()
         self.admin = self._admin_app()
-        self._runners: dict[str, web.AppRunner] = {}
+        self._runners: dict[str, web.BaseRunner] = {}
         self._sites: dict[str, web.TCPSite] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -74,13 +73,6 @@ class Sidecar:
 
     # -- apps ------------------------------------------------------------------------------
 
-    def _proxy_app(self) -> web.Application:
-        app = web.Application(client_max_size=2**63)  # the proxy enforces limits.max_body_bytes
-        app.router.add_route("*", "/{tail:.*}", self.proxy.handle)
-        app.on_startup.append(self._on_startup)
-        app.on_cleanup.append(self._on_cleanup)
-        return app
-
     def _admin_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
@@ -88,15 +80,6 @@ class Sidecar:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/keys", self._keys)
         return app
-
-    async def _on_startup(self, app: web.Application) -> None:
-        await self.proxy.start()
-        self._sweeper = asyncio.create_task(self._sweep_forever())
-
-    async def _on_cleanup(self, app: web.Application) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        await self.proxy.close()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -150,13 +133,17 @@ class Sidecar:
         """Bind the app listener, then the admin one: /healthz answering means both are up,
         which is what a startupProbe waits for before the app container starts."""
         config = self.runtime.config
-        for name, app, (host, port) in (
-            ("app", self.app, config.listen),
-            ("admin", self.admin, config.admin_listen),
+        await self.proxy.start()
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        # The app listener is a bare aiohttp server with one handler, no router: every request,
+        # whatever its method or target, reaches the proxy, which answers in the provider's shape.
+        proxy_server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        for name, runner, (host, port) in (
+            ("app", web.ServerRunner(proxy_server, shutdown_timeout=STOP_GRACE), config.listen),
+            ("admin", web.AppRunner(self.admin, access_log=None, shutdown_timeout=STOP_GRACE), config.admin_listen),
         ):
             # Closing a runner cuts what is still in flight after this grace; drain() is the
             # path that waits for in-flight work, up to shutdown.drain_timeout.
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=STOP_GRACE)
             await runner.setup()
             self._runners[name] = runner
             site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -205,6 +192,10 @@ class Sidecar:
             await runner.cleanup()
         self._runners.clear()
         self._sites.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await self.proxy.close()
 
     def reload(self, text: str | None = None) -> bool:
         """Swap in a new config if it is valid; the old one keeps serving otherwise.
