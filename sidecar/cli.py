@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -78,6 +79,8 @@ def run(path: str) -> int:
     env = dict(os.environ)
     sidecar = Sidecar(config, config_text=lambda: read_text(path), env=env)
     configure_logging(config, sidecar)
+    for warning in config.warnings:
+        logging.getLogger("keymux").warning("config warning", extra={"fields": {"reason": warning}})
 
     async def watch(sc: Sidecar) -> None:
         await watch_files(lambda: [path, *sc.runtime.config.key_files()], sc.reload)

@@ -383,7 +383,7 @@ def _routes(raw: Any, providers: Mapping[str, ProviderConfig]) -> tuple[Route, .
             raise ConfigError(f"{path}.prefix", f"duplicate route prefix '{prefix or '/'}'")
         seen.add(prefix)
         names = entry.get("providers")
-        if not isinstance(names, list) or not names:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise ConfigError(f"{path}.providers", "must be a non-empty list of provider names")
         for j, name in enumerate(names):
             if name not in providers:
@@ -404,11 +404,16 @@ def _section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
     values = {}
     for key, value in body.items():
         default = getattr(defaults, key)
-        values[key] = _number(value, f"{name}.{key}", integer=isinstance(default, int))
+        values[key] = _number(
+            value, f"{name}.{key}", integer=isinstance(default, int), zero_ok=f"{name}.{key}" in _ZERO_OK
+        )
     return cls(**values)
 
 
-def _number(value: Any, path: str, integer: bool) -> float | int:
+_ZERO_OK = frozenset({"shutdown.drain_delay"})  # a native sidecar needs no delay
+
+
+def _number(value: Any, path: str, integer: bool, zero_ok: bool = False) -> float | int:
     if isinstance(value, bool):
         raise ConfigError(path, "must be a number")
     if integer:
@@ -420,7 +425,9 @@ def _number(value: Any, path: str, integer: bool) -> float | int:
         if seconds is None:
             raise ConfigError(path, f"'{value}' is not a duration (seconds, or like 500ms, 30s, 10m, 1h)")
         value = seconds
-    if not isinstance(value, int | float) or value <= 0 or value != value or value == float("inf"):
+    if not isinstance(value, int | float) or value != value or value == float("inf") or value < 0:
+        raise ConfigError(path, "must be a positive number of seconds")
+    if value == 0 and not zero_ok:
         raise ConfigError(path, "must be a positive number of seconds")
     return float(value)
 

@@ -141,6 +141,19 @@ def test_errors_name_the_field(text, env, message):
     assert error_of(text, env) == message
 
 
+def test_a_route_listing_something_other_than_names_is_an_error():
+    text = BASE + "routes:\n  - prefix: /a\n    providers: [[openai]]\n"
+    assert error_of(text, {"OPENAI_KEY_PRIMARY": "k"}) == "routes[0].providers: must be a non-empty list of provider names"
+
+
+def test_drain_delay_may_be_zero_but_cooldowns_may_not():
+    config = load(BASE + "shutdown:\n  drain_delay: 0\n", {"OPENAI_KEY_PRIMARY": "k"})
+    assert config.shutdown.drain_delay == 0
+    assert error_of(BASE + "health:\n  failure_cooldown: 0\n", {"OPENAI_KEY_PRIMARY": "k"}) == (
+        "health.failure_cooldown: must be a positive number of seconds"
+    )
+
+
 def test_durations_accept_units():
     config = load(
         BASE + "health:\n  credential_cooldown: 10m\n  failure_cooldown: 500ms\n", {"OPENAI_KEY_PRIMARY": "k"}
