@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,10 +68,30 @@ COMMON_PATTERNS: PatternSet = {
 PATTERN_KINDS = tuple(COMMON_PATTERNS)
 
 
-def _model_from_body(path: str, body: Mapping[str, Any] | None) -> str | None:
-    if body is None:
+_MODEL_KEY = b'"model"'
+_MODEL_STRING = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def model_from_json(path: str, body: bytes) -> str | None:
+    """The top-level "model" of a JSON body, without parsing a long prompt when it can.
+
+    In JSON an unescaped `"model"` is a key or the string value "model". When it occurs once
+    and is followed by a string value, that is the request's model (a request body always
+    has a top-level model, so a single occurrence is it); otherwise the body is parsed.
+    """
+    if not body:
         return None
-    model = body.get("model")
+    if body.count(_MODEL_KEY) == 1 and (match := _MODEL_STRING.search(body)) is not None:
+        raw = match.group(1)
+        try:
+            return raw.decode() if b"\\" not in raw else json.loads(b'"' + raw + b'"')
+        except ValueError:  # UnicodeDecodeError included
+            return None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
     return model if isinstance(model, str) else None
 
 
@@ -79,8 +99,8 @@ _GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):")
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)")
 
 
-def _model_from_path(pattern: re.Pattern[str]) -> Callable[[str, Mapping[str, Any] | None], str | None]:
-    def find(path: str, body: Mapping[str, Any] | None) -> str | None:
+def _model_from_path(pattern: re.Pattern[str]) -> Callable[[str, bytes], str | None]:
+    def find(path: str, body: bytes) -> str | None:
         match = pattern.search(path)
         return match.group(1) if match else None
 
@@ -129,14 +149,10 @@ class ProviderSpec:
     auth_header: str
     auth_prefix: str
     model_location: str  # "body", "path" (Gemini models/{model}:…) or "deployment" (Azure)
-    find_model: Callable[[str, Mapping[str, Any] | None], str | None]
+    find_model: Callable[[str, bytes], str | None]  # (upstream path, request body) -> model
     error_body: Callable[[int, str, str], dict[str, Any]]
     default_headers: tuple[tuple[str, str], ...] = ()
     stream_errors: bool = False  # errors may arrive as the first event of a 200 SSE stream
-
-    @property
-    def model_in_body(self) -> bool:
-        return self.model_location == "body"
 
     def auth_value(self, secret: str) -> str:
         return self.auth_prefix + secret
@@ -149,7 +165,7 @@ def _spec(
     type_: str, header: str, prefix: str, location: str, error: Callable[[int, str, str], dict[str, Any]], **extra: Any
 ) -> ProviderSpec:
     finder = {
-        "body": _model_from_body,
+        "body": model_from_json,
         "path": _model_from_path(_GEMINI_MODEL),
         "deployment": _model_from_path(_AZURE_DEPLOYMENT),
     }[location]

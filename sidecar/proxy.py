@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,14 +44,35 @@ class Proxy:
         self.runtime = runtime
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
+        self.streaming: dict[Exchange, None] = {}  # answers being streamed, for the idle watch
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        # aiohttp silently re-sends an idempotent request once when a pooled connection drops;
+        # keymux makes that decision itself (another key), so each attempt is one request.
+        if hasattr(self.session, "_retry_connection"):
+            self.session._retry_connection = False
+        self._watcher = asyncio.create_task(self._watch_idle())
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self.session is not None:
             await self.session.close()
+
+    async def _watch_idle(self) -> None:
+        """Cut streams whose upstream sent nothing for timeouts.idle, checked a few times per idle span."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, self.runtime.config.timeouts.idle / 4)))
+            now = loop.time()
+            for exchange in list(self.streaming):
+                if now - exchange.last_chunk > exchange.rt.config.timeouts.idle and exchange.upstream is not None:
+                    exchange.idle_expired = True
+                    exchange.upstream.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(self, self.runtime, request)
@@ -94,8 +113,7 @@ class Exchange:
         self.providers: tuple[Provider, ...] = ()
         self.path = "/"  # upstream path and query: the route prefix and app credentials removed
         self.body = b""
-        self._json: Mapping[str, Any] | None = None
-        self._json_parsed = False
+        self._models: dict[str, str] = {}  # by where the model is found: body, path, deployment
         self._headers: list[tuple[str, str]] | None = None
         self.tried: dict[str, set[str]] = {}
         self.done: set[str] = set()  # providers with nothing left to try
@@ -108,6 +126,9 @@ class Exchange:
         self.ttfb: float | None = None
         self.bytes_out = 0
         self._attempt_open = False  # an attempt is under way and not yet counted
+        self.upstream: aiohttp.ClientResponse | None = None  # the answer being streamed
+        self.last_chunk = 0.0
+        self.idle_expired = False
         self.upstream_time = 0.0  # waiting for upstream headers
         self.streaming_time = 0.0  # forwarding the body, paced by the upstream
 
@@ -180,6 +201,12 @@ class Exchange:
             return self.local_error(413, "request_too_large", too_large)
         if not request.body_exists:
             return None
+        if length is not None:  # the usual case: one read of a known length
+            try:
+                self.body = await request.content.readexactly(length)
+            except asyncio.IncompleteReadError:
+                return self.local_error(400, "incomplete_body", "keymux: the request body ended early")
+            return None
         chunks = []
         size = 0
         async for chunk in request.content.iter_any():
@@ -193,22 +220,13 @@ class Exchange:
     def model_for(self, provider: Provider) -> str:
         """The model this request asks of `provider` ("" when it names none)."""
         spec = provider.spec
-        body = self._json_body() if spec.model_in_body else None
-        model = (spec.find_model(self.path.partition("?")[0], body) or "")[:256]
-        if self.model is None and model:
-            self.model = model
+        model = self._models.get(spec.model_location)
+        if model is None:
+            model = (spec.find_model(self.path.partition("?")[0], self.body) or "")[:256]
+            self._models[spec.model_location] = model
+            if self.model is None and model:
+                self.model = model
         return model
-
-    def _json_body(self) -> Mapping[str, Any] | None:
-        """The body parsed once, and only when a provider needs the model from it."""
-        if not self._json_parsed:
-            self._json_parsed = True
-            try:
-                parsed = json.loads(self.body) if self.body else None
-            except ValueError:
-                parsed = None
-            self._json = parsed if isinstance(parsed, dict) else None
-        return self._json
 
     # -- choosing --------------------------------------------------------------------------
 
@@ -276,16 +294,13 @@ class Exchange:
     async def _send(self, provider: Provider, key: Key) -> aiohttp.ClientResponse:
         session = self.proxy.session
         assert session is not None, "Proxy.start() was not awaited"
-        timeouts = self.rt.config.timeouts
         return await session.request(
             self.request.method,
             URL(provider.config.base_url + self.path, encoded=True),
             headers=self._headers_for(provider, key),
             data=self.body or None,
             allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(
-                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.response_headers
-            ),
+            timeout=self.rt.client_timeout,
         )
 
     def _headers_for(self, provider: Provider, key: Key) -> CIMultiDict[str]:
@@ -296,10 +311,7 @@ class Exchange:
         headers = CIMultiDict(self._headers)
         for name, value in provider.spec.default_headers:
             headers.setdefault(name, value)
-        for name, value in provider.config.headers + key.headers:
-            headers[name] = value
-        headers[provider.spec.auth_header] = provider.spec.auth_value(key.secret)
-        headers["Accept-Encoding"] = "identity"
+        headers.update(provider.key_headers[key.name])
         return headers
 
     async def _judge(
@@ -384,18 +396,25 @@ class Exchange:
         usage = UsageTail.for_response(response.headers) if outcome is Outcome.SUCCESS else None
         connection = response.connection
         if connection is not None and connection.protocol is not None:
-            connection.protocol.read_timeout = self.rt.config.timeouts.idle
+            # The idle gap between chunks is watched by Proxy._watch_idle once per tick; a
+            # socket read timeout would re-arm a timer for every chunk of every stream.
+            connection.protocol.read_timeout = None
         final = outcome
         streaming_from = None
+        streaming = self.proxy.streaming
         try:
             await out.prepare(self.request)
-            streaming_from = self.loop.time()
+            streaming_from = self.last_chunk = self.loop.time()
+            self.upstream = response
+            streaming[self] = None
             if prefix:
                 if usage is not None:
                     usage.feed(prefix)
                 self.bytes_out += len(prefix)
                 await out.write(prefix)
+            clock = self.loop.time
             async for chunk in response.content.iter_any():
+                self.last_chunk = clock()
                 if usage is not None:
                     usage.feed(chunk)
                 self.bytes_out += len(chunk)
@@ -404,6 +423,7 @@ class Exchange:
         except (TimeoutError, ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             final = self._stream_interrupted(provider, key, model, exc)
         finally:
+            streaming.pop(self, None)
             response.close()
         if streaming_from is not None:
             self.streaming_time = self.loop.time() - streaming_from
@@ -422,7 +442,7 @@ class Exchange:
         if transport is None or transport.is_closing():  # the app went away
             provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
             return Outcome.CLIENT_DISCONNECTED
-        verdict = Verdict(_transport_outcome(exc))  # the upstream broke
+        verdict = Verdict(Outcome.TIMEOUT if self.idle_expired else _transport_outcome(exc))  # the upstream broke
         provider.pool.record(key.name, model, verdict)
         transport.close()  # an unterminated body tells the app the answer is incomplete
         return verdict.outcome

@@ -7,8 +7,10 @@ health of every key whose provider, name and value are unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+import aiohttp
 
 from sidecar.classify import Patterns
 from sidecar.config import Config, ProviderConfig, Route
@@ -17,6 +19,7 @@ from sidecar.providers import PROVIDERS, ProviderSpec
 from sidecar.redact import Redactor
 
 BackoffFactory = Callable[[float, float], Backoff]
+_IDENTITY = ("Accept-Encoding", "identity")
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,9 @@ class Provider:
     spec: ProviderSpec
     pool: KeyPool
     patterns: Patterns
-    headers: tuple[tuple[str, str], ...]  # the spec's defaults, then the configured ones
+    # What every request with a given key carries, built once: the provider's and the key's
+    # configured headers, the key itself, and identity encoding (bodies are read to classify).
+    key_headers: Mapping[str, tuple[tuple[str, str], ...]]
 
     @property
     def name(self) -> str:
@@ -52,11 +57,19 @@ class Runtime:
                 before = {(k.name, k.secret) for k in old.config.keys}
                 unchanged = {k.name for k in pc.keys if (k.name, k.secret) in before}
                 pool.adopt(old.pool, unchanged)
-            self.providers[name] = Provider(pc, spec, pool, Patterns(pc.patterns), spec.default_headers + pc.headers)
+            key_headers = {
+                key.name: (*pc.headers, *key.headers, (spec.auth_header, spec.auth_value(key.secret)), _IDENTITY)
+                for key in pc.keys
+            }
+            self.providers[name] = Provider(pc, spec, pool, Patterns(pc.patterns), key_headers)
         self.routes: tuple[tuple[Route, tuple[Provider, ...]], ...] = tuple(
             (route, tuple(self.providers[n] for n in route.providers)) for route in config.routes
         )
         self.redact = Redactor(config.secrets())
+        timeouts = config.timeouts
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.response_headers
+        )
         self.known_models = {m for pc in config.providers.values() for k in pc.keys for m in k.models or ()}
 
     def route_for(self, path: str) -> tuple[Route, tuple[Provider, ...]] | None:
