@@ -26,6 +26,8 @@ FAULTS = (
     "not_http",  # answer bytes that are not HTTP
     "invalid_json",  # 200 with a body that is not JSON
     "big_error",  # an error status with a 10 MB body
+    "echo_request",  # 200 message/http quoting the request as received, as a TRACE does
+    "error_mid_stream",  # a 200 stream: a first event, then an error event (quoting the key with echo_key)
 )
 
 
@@ -34,7 +36,9 @@ class Rule:
     key: str | None = None  # the secret it applies to (None: any)
     model: str | None = None  # the model it applies to (None: any)
     status: int = 200
-    kind: str | None = None  # error kind for the default body: credential, model_access, rate_limit, quota, server, bad_request, overloaded
+    # The error kind for the default body: credential, model_access, rate_limit, quota, server,
+    # bad_request or overloaded.
+    kind: str | None = None
     body: Any = None  # a body to send instead of the provider-shaped default
     headers: dict[str, str] = field(default_factory=dict)
     times: int | None = None  # apply to this many requests, then expire
@@ -205,6 +209,10 @@ class FakeProvider:
             return web.Response(body=b'{"id": "chatcmpl-1", "choices": [', content_type="application/json")
         if rule.fault == "big_error":
             return web.Response(status=rule.status if rule.status >= 400 else 500, body=b"x" * (10 * 1024 * 1024))
+        if rule.fault == "echo_request":
+            return web.Response(body=_echo(request), content_type="message/http")
+        if rule.fault == "error_mid_stream":
+            return await _stream_then_error(request, shape, rule)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await response.write(b'data: {"choices":[{"delta":{"content":"partial"}}]}\n\n')
@@ -213,6 +221,33 @@ class FakeProvider:
         await asyncio.sleep(0.05)
         transport.abort()
         return response
+
+
+def _echo(request: web.Request) -> bytes:
+    version = request.version
+    head = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}".encode()
+    fields = b"".join(b"\r\n" + name + b": " + value for name, value in request.raw_headers)
+    return head + fields + b"\r\n\r\n"
+
+
+async def _stream_then_error(request: web.Request, shape: str, rule: Rule) -> web.StreamResponse:
+    key = _key_of(request) or ""
+    message = _MESSAGES["overloaded"] + (f" Key used: {key} ({_mask(key)})." if rule.echo_key else "")
+    if shape == "anthropic":
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "partial"}}
+        first = f"event: content_block_delta\ndata: {json.dumps(delta)}\n\n".encode()
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
+        last = f"event: error\ndata: {json.dumps(error)}\n\n".encode()
+    else:
+        first = b'data: {"choices":[{"delta":{"content":"partial"}}]}\n\n'
+        last = f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'code': None}})}\n\n".encode()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(first)
+    await asyncio.sleep(0.01)
+    await response.write(last)
+    await response.write_eof()
+    return response
 
 
 def _key_of(request: web.Request) -> str | None:
@@ -308,7 +343,9 @@ def _error(shape: str, status: int, kind: str, message: str, headers: dict[str, 
     elif shape == "gemini":
         body = {"error": {"code": status, "message": message, "status": _GEMINI_STATUS[kind]}}
         if kind == "credential":
-            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]
+            body["error"]["details"] = [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+            ]
     elif shape == "azure" and kind == "credential":
         body = {"error": {"code": "401", "message": message}}
     else:
@@ -331,7 +368,13 @@ def _completion(shape: str, model: str | None, path: str) -> dict[str, Any]:
         }
     if shape == "gemini":
         return {
-            "candidates": [{"content": {"parts": [{"text": "Hello from the fake provider."}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+            "candidates": [
+                {
+                    "content": {"parts": [{"text": "Hello from the fake provider."}], "role": "model"},
+                    "finishReason": "STOP",
+                    "index": 0,
+                }
+            ],
             "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 7, "totalTokenCount": 19},
         }
     if path.endswith("/models"):
@@ -341,7 +384,13 @@ def _completion(shape: str, model: str | None, path: str) -> dict[str, Any]:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the fake provider."}, "finish_reason": "stop"}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello from the fake provider."},
+                "finish_reason": "stop",
+            }
+        ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
     }
 
@@ -352,29 +401,88 @@ def _sse_events(shape: str, model: str | None, body: dict[str, Any], count: int)
         return f"{head}data: {json.dumps(obj)}\n\n".encode()
 
     if shape == "anthropic":
-        events = [data({"type": "message_start", "message": {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 1}}}, "message_start")]
-        events.append(data({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start"))
-        events += [data({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"tok{i} "}}, "content_block_delta") for i in range(count)]
+        events = [
+            data(
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_fake",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": 12, "output_tokens": 1},
+                    },
+                },
+                "message_start",
+            )
+        ]
+        events.append(
+            data(
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                "content_block_start",
+            )
+        )
+        events += [
+            data(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"tok{i} "}},
+                "content_block_delta",
+            )
+            for i in range(count)
+        ]
         events.append(data({"type": "content_block_stop", "index": 0}, "content_block_stop"))
-        events.append(data({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": count}}, "message_delta"))
+        events.append(
+            data(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": count},
+                },
+                "message_delta",
+            )
+        )
         events.append(data({"type": "message_stop"}, "message_stop"))
         return events
     if shape == "gemini":
         return [
-            data({"candidates": [{"content": {"parts": [{"text": f"tok{i} "}], "role": "model"}, "index": 0}], "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": i + 1}})
+            data(
+                {
+                    "candidates": [{"content": {"parts": [{"text": f"tok{i} "}], "role": "model"}, "index": 0}],
+                    "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": i + 1},
+                }
+            )
             for i in range(count)
         ]
     chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model}
-    events = [data({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}) for i in range(count)]
+    events = [
+        data({**chunk, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]})
+        for i in range(count)
+    ]
     events.append(data({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
     if (body.get("stream_options") or {}).get("include_usage"):
-        events.append(data({**chunk, "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": count, "total_tokens": 12 + count}}))
+        events.append(
+            data(
+                {
+                    **chunk,
+                    "choices": [],
+                    "usage": {"prompt_tokens": 12, "completion_tokens": count, "total_tokens": 12 + count},
+                }
+            )
+        )
     events.append(b"data: [DONE]\n\n")
     return events
 
 
 async def _stream(
-    request: web.Request, shape: str, model: str | None, body: dict[str, Any], count: int, delay: float, headers: dict[str, str]
+    request: web.Request,
+    shape: str,
+    model: str | None,
+    body: dict[str, Any],
+    count: int,
+    delay: float,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
     await response.prepare(request)

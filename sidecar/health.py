@@ -152,10 +152,21 @@ class KeyPool:
             cursors.move_to_end(model)
             return last
         if len(cursors) >= self.policy.max_models:
-            evicted, _ = cursors.popitem(last=False)
-            self._entries.pop(evicted, None)
+            self._forget_a_model()
         cursors[model] = -1
         return -1
+
+    def _forget_a_model(self) -> None:
+        """Make room: the least recently used model with no key resting for it, else the oldest."""
+        now = self._clock()
+        victim = next(iter(self._cursors))
+        for model in self._cursors:
+            entries = self._entries.get(model)
+            if not entries or all(entry.until <= now for entry in entries.values()):
+                victim = model
+                break
+        del self._cursors[victim]
+        self._entries.pop(victim, None)
 
     # -- learning --------------------------------------------------------------------------
 
@@ -176,6 +187,7 @@ class KeyPool:
             )
             self._cool(entry, seconds, now, outcome)
         else:
+            self._cursor(model)  # an entry exists only for a tracked model, so state stays bounded
             self._record_scoped(self._entry(model, key_name), verdict, now)
 
     def _record_scoped(self, entry: Entry, verdict: Verdict, now: float) -> None:

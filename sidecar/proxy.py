@@ -24,6 +24,7 @@ from sidecar.health import Key, KeyStatus
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
 from sidecar.providers import APP_CREDENTIAL_HEADERS, APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS
+from sidecar.redact import BodyScrubber, EventScrubber
 from sidecar.runtime import Provider, Runtime, retry_after_header
 from sidecar.usage import UsageTail
 
@@ -387,11 +388,8 @@ class Exchange:
         self.status = response.status
         out = web.StreamResponse(status=response.status, reason=response.reason)
         length_known = _copy_response_headers(response.headers, out)
-        if prefix and response.status >= 400:
-            redacted = self.rt.redact(prefix)
-            length_known = length_known and redacted is prefix
-            prefix = redacted
-        if length_known:
+        scrub = self._scrubber(response)
+        if length_known and not isinstance(scrub, BodyScrubber):  # redaction may change an error body's length
             out.content_length = response.content_length
         usage = UsageTail.for_response(response.headers) if outcome is Outcome.SUCCESS else None
         connection = response.connection
@@ -408,17 +406,14 @@ class Exchange:
             self.upstream = response
             streaming[self] = None
             if prefix:
-                if usage is not None:
-                    usage.feed(prefix)
-                self.bytes_out += len(prefix)
-                await out.write(prefix)
+                await out.write(self._pass(prefix, usage, scrub))
             clock = self.loop.time
             async for chunk in response.content.iter_any():
                 self.last_chunk = clock()
-                if usage is not None:
-                    usage.feed(chunk)
-                self.bytes_out += len(chunk)
-                await out.write(chunk)
+                await out.write(self._pass(chunk, usage, scrub))
+            if scrub is not None and (rest := scrub.flush()):
+                self.bytes_out += len(rest)
+                await out.write(rest)
             await out.write_eof()
         except (TimeoutError, ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             final = self._stream_interrupted(provider, key, model, exc)
@@ -435,6 +430,24 @@ class Exchange:
             for kind, count in usage.counts().items():
                 self.metrics.tokens(provider.name, key.name, self._model_label(), kind).inc(count)
         return out
+
+    def _pass(self, chunk: bytes, usage: UsageTail | None, scrub: BodyScrubber | EventScrubber | None) -> bytes:
+        """One chunk on its way to the app: counted, read for usage, scrubbed of secrets."""
+        if usage is not None:
+            usage.feed(chunk)
+        if scrub is not None:
+            chunk = scrub.feed(chunk)
+        self.bytes_out += len(chunk)
+        return chunk
+
+    def _scrubber(self, response: aiohttp.ClientResponse) -> BodyScrubber | EventScrubber | None:
+        """What redacts echoed secrets on the way to the app: every error body, and the error
+        events of a success stream; other success bodies pass untouched."""
+        if response.status >= 400:
+            return BodyScrubber(self.rt.redact)
+        if "event-stream" in response.headers.get("content-type", ""):
+            return EventScrubber(self.rt.redact)
+        return None
 
     def _stream_interrupted(self, provider: Provider, key: Key, model: str, exc: BaseException) -> Outcome:
         """The stream stopped after bytes reached the app: no retry is possible any more."""

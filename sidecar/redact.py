@@ -22,7 +22,9 @@ class Redactor:
     def __call__(self, data: bytes) -> bytes:
         if not self._pieces:
             return data
-        spans = self._spans(data)
+        return self.mask(data, self.spans(data))
+
+    def mask(self, data: bytes, spans: list[tuple[int, int]]) -> bytes:
         if not spans:
             return data
         out = bytearray()
@@ -33,7 +35,7 @@ class Redactor:
         out += data[last:]
         return bytes(out)
 
-    def _spans(self, data: bytes) -> list[tuple[int, int]]:
+    def spans(self, data: bytes) -> list[tuple[int, int]]:
         hits = []
         for piece in self._pieces:
             at = data.find(piece)
@@ -50,3 +52,40 @@ class Redactor:
 
     def text(self, value: str) -> str:
         return self(value.encode()).decode("utf-8", "replace")
+
+
+class BodyScrubber:
+    """Redacts a body that arrives in chunks, holding back just enough to catch a secret that
+    straddles two chunks. For error bodies, whose timing does not matter."""
+
+    def __init__(self, redact: Redactor) -> None:
+        self.redact = redact
+        self.held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.held + chunk if self.held else chunk
+        spans = self.redact.spans(data)
+        cut = max(len(data) - (PIECE - 1), 0)
+        for start, end in spans:
+            if start < cut < end:
+                cut = end  # never split a found secret between what is sent and what is held
+        self.held = data[cut:]
+        return self.redact.mask(data[:cut], [(s, e) for s, e in spans if e <= cut])
+
+    def flush(self) -> bytes:
+        data, self.held = self.held, b""
+        return self.redact(data)
+
+
+class EventScrubber:
+    """Redacts the events of a success stream that report an error (Anthropic's `event: error`
+    can quote the key). Other events pass untouched and undelayed."""
+
+    def __init__(self, redact: Redactor) -> None:
+        self.redact = redact
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self.redact(chunk) if b"error" in chunk else chunk
+
+    def flush(self) -> bytes:
+        return b""

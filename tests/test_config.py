@@ -143,7 +143,9 @@ def test_errors_name_the_field(text, env, message):
 
 def test_a_route_listing_something_other_than_names_is_an_error():
     text = BASE + "routes:\n  - prefix: /a\n    providers: [[openai]]\n"
-    assert error_of(text, {"OPENAI_KEY_PRIMARY": "k"}) == "routes[0].providers: must be a non-empty list of provider names"
+    assert (
+        error_of(text, {"OPENAI_KEY_PRIMARY": "k"}) == "routes[0].providers: must be a non-empty list of provider names"
+    )
 
 
 def test_drain_delay_may_be_zero_but_cooldowns_may_not():

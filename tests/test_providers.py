@@ -44,6 +44,8 @@ def test_the_fast_scan_agrees_with_a_full_parse(model, extra):
 
 
 def test_gemini_and_azure_take_the_model_from_the_path():
-    assert PROVIDERS["gemini"].find_model("/v1beta/models/gemini-1.5-pro:streamGenerateContent", b"") == "gemini-1.5-pro"
+    assert (
+        PROVIDERS["gemini"].find_model("/v1beta/models/gemini-1.5-pro:streamGenerateContent", b"") == "gemini-1.5-pro"
+    )
     assert PROVIDERS["gemini"].find_model("/v1beta/models", b"") is None
     assert PROVIDERS["azure"].find_model("/openai/deployments/gpt4o-prod/chat/completions", b"") == "gpt4o-prod"
