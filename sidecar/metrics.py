@@ -1,22 +1,27 @@
-"""Prometheus metrics: one registry per app instance, label children cached off the hot path.
+"""Prometheus metrics: one registry per app instance, exported by a collector at scrape time.
 
 The names and labels here are a contract users alert on; the README lists every one.
+
+keymux runs on one event loop, so its counters and histograms are plain numbers in slotted
+objects: no lock per update as prometheus-client's thread-safe metric classes take. The hot path
+costs a dict lookup and an addition; the exposition is built by prometheus-client's own metric
+families when Prometheus scrapes.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
 from sidecar.health import KeyPool, KeyStatus
 from sidecar.outcome import Outcome
-
-disable_created_metrics()  # the *_created series double the series count for no alerting value
 
 TTFB_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600)
@@ -26,23 +31,79 @@ NO_MODEL = "unknown"
 KEY_WIDE_LABEL = "*"
 
 
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class _Histogram:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last one for +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: `le` holds
+
+
 class _Family:
-    """A labelled metric with its children cached by label values."""
+    """A labelled counter, gauge or histogram and its children by label values."""
 
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
+    def __init__(
+        self, kind: str, name: str, documentation: str, labels: Iterable[str] = (), buckets: tuple[float, ...] = ()
+    ) -> None:
+        self.kind, self.name, self.documentation = kind, name, documentation
+        self.labels = list(labels)
+        self.buckets = tuple(float(b) for b in buckets)
+        self.children: dict[tuple[str, ...], _Count | _Histogram] = {}
 
-    def __call__(self, *labels: str) -> Any:
+    def __call__(self, *labels: str) -> Any:  # _Count or _Histogram, by kind
         child = self.children.get(labels)
         if child is None:
-            child = self.children[labels] = self.metric.labels(*labels)
+            child = self.children[labels] = _Histogram(self.buckets) if self.kind == "histogram" else _Count()
         return child
 
     def forget(self, keep: Callable[[tuple[str, ...]], bool]) -> None:
         for labels in [labels for labels in self.children if not keep(labels)]:
             del self.children[labels]
-            self.metric.remove(*labels)
+
+    def collect(self) -> Metric:
+        if self.kind == "histogram":
+            family: Metric = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+            les = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
+            for labels, child in self.children.items():
+                assert isinstance(child, _Histogram)
+                total, cumulative = 0, []
+                for le, count in zip(les, child.counts, strict=True):
+                    total += count
+                    cumulative.append((le, total))
+                family.add_metric(list(labels), cumulative, child.sum)  # type: ignore[attr-defined]
+            return family
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = cls(self.name, self.documentation, labels=self.labels)
+        for labels, child in self.children.items():
+            family.add_metric(list(labels), child.value)  # type: ignore[attr-defined, union-attr]
+        return family
+
+
+class _FamilyCollector(Collector):
+    def __init__(self, families: list[_Family]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.collect()
 
 
 class ModelLabels:
@@ -99,77 +160,62 @@ class Metrics:
     def __init__(self, max_models: int = 100, known_models: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.models = ModelLabels(max_models, known_models)
-        r = self.registry
-        self.requests = _Family(
-            Counter(
-                "keymux_requests", "App requests, end to end", ["route", "provider", "model", "outcome"], registry=r
-            )
+        families: list[_Family] = []
+
+        def family(
+            kind: str, name: str, doc: str, labels: Iterable[str] = (), buckets: tuple[float, ...] = ()
+        ) -> _Family:
+            families.append(_Family(kind, name, doc, labels, buckets))
+            return families[-1]
+
+        self.requests = family(
+            "counter", "keymux_requests", "App requests, end to end", ["route", "provider", "model", "outcome"]
         )
-        self.attempts = _Family(
-            Counter(
-                "keymux_upstream_attempts", "Upstream attempts", ["provider", "key", "model", "outcome"], registry=r
-            )
+        self.attempts = family(
+            "counter", "keymux_upstream_attempts", "Upstream attempts", ["provider", "key", "model", "outcome"]
         )
-        self.key_retries = _Family(
-            Counter(
-                "keymux_key_retries",
-                "Switches to another key of the same provider",
-                ["provider", "model", "reason"],
-                registry=r,
-            )
+        self.key_retries = family(
+            "counter",
+            "keymux_key_retries",
+            "Switches to another key of the same provider",
+            ["provider", "model", "reason"],
         )
-        self.fallbacks = _Family(
-            Counter(
-                "keymux_provider_fallbacks",
-                "Moves to the next provider of a route",
-                ["route", "from_provider", "to_provider"],
-                registry=r,
-            )
+        self.fallbacks = family(
+            "counter",
+            "keymux_provider_fallbacks",
+            "Moves to the next provider of a route",
+            ["route", "from_provider", "to_provider"],
         )
-        self.provider_requests = _Family(
-            Counter(
-                "keymux_provider_requests",
-                "Per provider per request; a failure only when the provider failed the request end to end",
-                ["provider", "model", "outcome"],
-                registry=r,
-            )
+        self.provider_requests = family(
+            "counter",
+            "keymux_provider_requests",
+            "Per provider per request; a failure only when the provider failed the request end to end",
+            ["provider", "model", "outcome"],
         )
-        self.ttfb = _Family(
-            Histogram(
-                "keymux_upstream_ttfb_seconds",
-                "Time to upstream response headers",
-                ["provider", "model"],
-                buckets=TTFB_BUCKETS,
-                registry=r,
-            )
+        self.ttfb = family(
+            "histogram",
+            "keymux_upstream_ttfb_seconds",
+            "Time to upstream response headers",
+            ["provider", "model"],
+            TTFB_BUCKETS,
         )
-        self.duration = _Family(
-            Histogram(
-                "keymux_request_duration_seconds",
-                "Whole app request, streaming included",
-                ["route", "model", "outcome"],
-                buckets=DURATION_BUCKETS,
-                registry=r,
-            )
+        self.duration = family(
+            "histogram",
+            "keymux_request_duration_seconds",
+            "Whole app request, streaming included",
+            ["route", "model", "outcome"],
+            DURATION_BUCKETS,
         )
-        self.overhead = _Family(
-            Histogram(
-                "keymux_overhead_seconds",
-                "Time spent inside keymux itself",
-                ["route"],
-                buckets=OVERHEAD_BUCKETS,
-                registry=r,
-            )
+        self.overhead = family(
+            "histogram", "keymux_overhead_seconds", "Time spent inside keymux itself", ["route"], OVERHEAD_BUCKETS
         )
-        self.tokens = _Family(
-            Counter(
-                "keymux_tokens", "Tokens reported in upstream usage", ["provider", "key", "model", "kind"], registry=r
-            )
+        self.tokens = family(
+            "counter", "keymux_tokens", "Tokens reported in upstream usage", ["provider", "key", "model", "kind"]
         )
-        self.inflight = Gauge("keymux_inflight_requests", "App requests in flight", registry=r)
-        self.reloads = _Family(Counter("keymux_config_reloads", "Config reloads", ["result"], registry=r))
-        info = Gauge("keymux_build_info", "keymux build", ["version"], registry=r)
-        info.labels(__version__).set(1)
+        self.inflight: _Count = family("gauge", "keymux_inflight_requests", "App requests in flight")()
+        self.reloads = family("counter", "keymux_config_reloads", "Config reloads", ["result"])
+        family("gauge", "keymux_build_info", "keymux build", ["version"])(__version__).inc()
+        self.registry.register(_FamilyCollector(families))
 
     def watch_pools(self, pools: Callable[[], Iterable[KeyPool]]) -> None:
         self.registry.register(KeyStateCollector(pools, self.models))

@@ -50,7 +50,11 @@ class Proxy:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",))
+        # No cookie jar: a cookie one upstream answer sets must never ride along on another
+        # app's request (and storing cookies is work on every request).
+        self.session = aiohttp.ClientSession(
+            connector=connector, skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar()
+        )
         # aiohttp silently re-sends an idempotent request once when a pooled connection drops;
         # keymux makes that decision itself (another key), so each attempt is one request.
         if hasattr(self.session, "_retry_connection"):

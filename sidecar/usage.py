@@ -46,7 +46,14 @@ class UsageTail:
     def counts(self) -> dict[str, int]:
         """The last value reported for each kind (cumulative in every provider's stream)."""
         found: dict[str, int] = {}
-        for part in (self.head or b"")[:_TAIL_BYTES], b"".join(self.tail)[-_TAIL_BYTES:]:
+        tail = self.tail
+        if len(tail) == 1 and tail[0] is self.head:  # a one-chunk answer: search it once
+            parts: tuple[bytes, ...] = (self.head[:_TAIL_BYTES], self.head[-_TAIL_BYTES:])
+            if len(self.head) <= _TAIL_BYTES:
+                parts = (self.head,)
+        else:
+            parts = ((self.head or b"")[:_TAIL_BYTES], b"".join(tail)[-_TAIL_BYTES:])
+        for part in parts:
             for name, value in _COUNTS.findall(part):
                 found[_KIND[name]] = int(value)
         return found

@@ -127,7 +127,7 @@ def keymux_busy(sidecar: Sidecar) -> dict[str, int]:
     app_server = runner.server if runner is not None else None
     idle = sum(len(c) for c in connector._conns.values()) if connector is not None else 0  # type: ignore[union-attr]
     return {
-        "inflight": int(sidecar.metrics.inflight._value.get()),
+        "inflight": int(sidecar.metrics.inflight.value),
         "upstream_in_use": len(connector._acquired) if connector is not None else 0,  # type: ignore[union-attr]
         "upstream_idle": idle,
         "app_connections": len(app_server.connections) if app_server is not None else 0,

@@ -17,8 +17,20 @@ NAMES = {secret: name for name, secret in KEYS.items()}
 HI = [{"role": "user", "content": "hi"}]
 
 
+_clients: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_sdk_clients():
+    yield
+    while _clients:
+        await _clients.pop().close()
+
+
 def sdk(running, path: str = "/v1") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=running.url + path, api_key="placeholder-key", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=running.url + path, api_key="placeholder-key", max_retries=0)
+    _clients.append(client)
+    return client
 
 
 def used(fake) -> list[str]:
@@ -195,6 +207,7 @@ async def test_anthropic_sdk_gets_its_key_and_version_header(fake, keymux):
         f"providers:\n  anthropic:\n    type: anthropic\n    base_url: {fake.url}\n    keys: [{{name: c1, key: sk-ant-111111111111}}]\n"
     )
     client = anthropic.AsyncAnthropic(base_url=km.url, api_key="placeholder", max_retries=0)
+    _clients.append(client)
     message = await client.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=HI)
     assert message.content[0].text == "Hello from the fake provider."
     seen = fake.provider.seen[0]
@@ -217,6 +230,7 @@ async def test_azure_deployment_is_the_model(fake, keymux):
     client = openai.AsyncAzureOpenAI(
         azure_endpoint=km.url, api_key="placeholder", api_version="2024-06-01", max_retries=0
     )
+    _clients.append(client)
     await client.chat.completions.create(model="gpt4o-prod", messages=HI)
     seen = fake.provider.seen[0]
     assert (seen.key, seen.model, seen.shape, seen.query) == (
