@@ -29,6 +29,7 @@ from sidecar.runtime import Provider, Runtime, retry_after_header
 from sidecar.usage import UsageTail
 
 access_log = logging.getLogger("keymux.access")
+log = logging.getLogger("keymux")
 
 _DROP_REQUEST = HOP_BY_HOP_HEADERS | APP_CREDENTIAL_HEADERS | {"accept-encoding"}
 _DECODED = frozenset({"content-encoding", "content-length"})
@@ -87,6 +88,13 @@ class Proxy:
         except asyncio.CancelledError:
             exchange.outcome = Outcome.CLIENT_DISCONNECTED
             raise
+        except Exception:
+            # A bug of keymux's own: say so in the provider's shape rather than as a bare 500
+            # page, unless the answer has started (then the connection is cut).
+            log.exception("unexpected error while proxying a request")
+            if exchange.prepared:
+                raise
+            return exchange.local_error(500, "keymux_error", "keymux: internal error", Outcome.UPSTREAM_ERROR)
         finally:
             self.metrics.inflight.dec()
             exchange.report()
@@ -130,6 +138,7 @@ class Exchange:
         self.status = 0
         self.ttfb: float | None = None
         self.bytes_out = 0
+        self.prepared = False  # the answer's headers went to the app: no retry, no other answer
         self._attempt_open = False  # an attempt is under way and not yet counted
         self.upstream: aiohttp.ClientResponse | None = None  # the answer being streamed
         self.last_chunk = 0.0
@@ -331,6 +340,7 @@ class Exchange:
                 # An error can arrive as the first event of a 200 stream: peek before answering.
                 first = await response.content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            response.close()
             return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
         if response.status < 400:
             verdict = classify_stream_start(first, provider.patterns) if first else SUCCESS
@@ -406,6 +416,7 @@ class Exchange:
         streaming = self.proxy.streaming
         try:
             await out.prepare(self.request)
+            self.prepared = True
             streaming_from = self.last_chunk = self.loop.time()
             self.upstream = response
             streaming[self] = None
