@@ -292,3 +292,17 @@ async def test_the_same_body_is_resent_on_retry(fake, keymux):
     long_prompt = "word " * 40_000
     await sdk(km).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": long_prompt}])
     assert used(fake) == ["a", "b"]
+
+
+async def test_a_bug_inside_keymux_answers_in_the_providers_shape(fake, keymux, monkeypatch):
+    async def broken(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("sidecar.proxy.Exchange._read_body", broken)
+    km = await keymux(openai_config(fake.url, KEYS))
+    async with km.session.post(km.url + "/v1/chat/completions", json={"model": "gpt-4o"}) as response:
+        assert response.status == 500
+        assert response.headers["x-keymux-error"] == "keymux_error"
+        assert (await response.json())["error"]["message"] == "keymux: internal error"
+    assert fake.provider.seen == type(fake.provider.seen)()
+    assert await km.value("keymux_inflight_requests") == 0
