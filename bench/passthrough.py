@@ -13,23 +13,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar.providers import HOP_BY_HOP_HEADERS
+
 # Per-connection headers a proxy must not forward (RFC 9110 section 7.6.1), plus the ones the
 # client session computes itself.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
+_HOP_BY_HOP = HOP_BY_HOP_HEADERS  # the same end-to-end rule keymux applies, nothing else of it
 
 
 class PassThrough:

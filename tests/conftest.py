@@ -70,12 +70,17 @@ async def keymux() -> AsyncIterator[StartKeymux]:
     """Start keymux from YAML text (listeners on port 0 unless the YAML says otherwise)."""
     started: list[Running] = []
 
-    async def start(yaml_text: str, env: dict[str, str] | None = None, files: dict[str, str] | None = None) -> Running:
+    async def start(
+        yaml_text: str,
+        env: dict[str, str] | None = None,
+        files: dict[str, str] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> Running:
         text = textwrap.dedent(yaml_text)
         if "listen:" not in text:
             text = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n" + text
         config = load_config(text, env or {}, lambda path: (files or {})[path])
-        sidecar = Sidecar(config, env=env or {})
+        sidecar = Sidecar(config, env=env or {}, **({"clock": clock} if clock is not None else {}))
         await sidecar.start()
         session = aiohttp.ClientSession()
         running = Running(

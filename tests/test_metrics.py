@@ -8,18 +8,15 @@ import io
 import json
 import logging
 import re
-import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from sidecar import __version__
-from sidecar.config import load_config
 from sidecar.logs import JsonFormatter, setup_logging
 from sidecar.redact import PIECE
-from sidecar.server import Sidecar
 from sidecar.usage import UsageTail
 from tests.conftest import FakeServer, Running, StartKeymux, openai_config
 
@@ -291,31 +288,11 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-async def clocked_keymux() -> AsyncIterator[Callable[[str, Clock], Awaitable[Running]]]:
-    """Like `keymux`, with an injected monotonic clock to move cooldowns forward."""
-    started: list[Running] = []
-
-    async def start(yaml_text: str, clock: Clock) -> Running:
-        text = "listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n" + textwrap.dedent(yaml_text)
-        sidecar = Sidecar(load_config(text, {}, lambda path: ""), clock=clock)
-        await sidecar.start()
-        app, admin = sidecar.port("app"), sidecar.port("admin")
-        running = Running(sidecar, f"http://127.0.0.1:{app}", f"http://127.0.0.1:{admin}", aiohttp.ClientSession())
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        await running.session.close()
-        await running.sidecar.stop()
-
-
-async def test_key_state_series_go_when_their_cooldown_ends(fake: FakeServer, clocked_keymux: Any) -> None:
+async def test_key_state_series_go_when_their_cooldown_ends(fake: FakeServer, keymux: StartKeymux) -> None:
     clock = Clock()
     fake.provider.script(key=A, model="gpt-4o", status=429, headers={"retry-after": "30"}, times=1)
     fake.provider.revoked.add(B)
-    km = await clocked_keymux(two_keys(fake), clock)
+    km = await keymux(two_keys(fake), clock=clock)
 
     assert (await chat(km, "gpt-4o"))[0] == 401  # a: 429 for gpt-4o; b: 401, disabled
 
