@@ -156,7 +156,7 @@ class Sidecar:
         """The bound port of a listener (for port 0 in tests)."""
         server = self._sites[name]._server
         assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
     async def drain(self) -> None:
         """Graceful stop: unready at once, accept for drain_delay, finish in-flight work.
