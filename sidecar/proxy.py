@@ -47,7 +47,6 @@ class Proxy:
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
         self.streaming: dict[Exchange, None] = {}  # answers being streamed, for the idle watch
-        self.waiting: dict[Exchange, float] = {}  # attempts waiting for an answer, by deadline
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -61,7 +60,7 @@ class Proxy:
         # keymux makes that decision itself (another key), so each attempt is one request.
         if hasattr(self.session, "_retry_connection"):
             self.session._retry_connection = False
-        self._watcher = asyncio.create_task(self._watch_timeouts())
+        self._watcher = asyncio.create_task(self._watch_idle())
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -70,25 +69,16 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
 
-    async def _watch_timeouts(self) -> None:
-        """Enforce the timeouts with one periodic check instead of timers per request and chunk.
-
-        Waiting for an answer (headers, or the error body read to classify it) is bounded by
-        timeouts.response_headers; a stream by timeouts.idle between chunks; both by
-        timeouts.total. A few checks per span of the shortest timeout keep them accurate.
-        """
+    async def _watch_idle(self) -> None:
+        """Cut streams whose upstream sent nothing for timeouts.idle, checked a few times per idle span."""
         loop = asyncio.get_running_loop()
         while True:
-            timeouts = self.runtime.config.timeouts
-            await asyncio.sleep(min(1.0, max(0.02, min(timeouts.idle, timeouts.response_headers, timeouts.total) / 8)))
+            await asyncio.sleep(min(1.0, max(0.05, self.runtime.config.timeouts.idle / 4)))
             now = loop.time()
-            for exchange, deadline in list(self.waiting.items()):
-                if now >= deadline:
-                    exchange.expire_wait()
             for exchange in list(self.streaming):
-                limits = exchange.rt.config.timeouts
-                if now - exchange.last_chunk > limits.idle or now - exchange.started > limits.total:
-                    exchange.cut_stream()
+                if now - exchange.last_chunk > exchange.rt.config.timeouts.idle and exchange.upstream is not None:
+                    exchange.idle_expired = True
+                    exchange.upstream.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(self, self.runtime, request)
@@ -152,8 +142,7 @@ class Exchange:
         self._attempt_open = False  # an attempt is under way and not yet counted
         self.upstream: aiohttp.ClientResponse | None = None  # the answer being streamed
         self.last_chunk = 0.0
-        self.timed_out = False  # the watchdog ended the wait or the stream
-        self.task = asyncio.current_task()
+        self.idle_expired = False
         self.upstream_time = 0.0  # waiting for upstream headers
         self.streaming_time = 0.0  # forwarding the body, paced by the upstream
 
@@ -295,8 +284,6 @@ class Exchange:
         self.keys_tried.append(f"{provider.name}/{key.name}")
         self._attempt_open = True
         sent = self.loop.time()
-        timeouts = self.rt.config.timeouts
-        self.proxy.waiting[self] = min(sent + timeouts.response_headers, self.started + timeouts.total)
         response = None
         try:
             try:
@@ -309,36 +296,14 @@ class Exchange:
             self.ttfb = waited
             self.metrics.ttfb(provider.name, self._model_label()).observe(waited)
             return await self._judge(provider, key, model, response)
-        except asyncio.CancelledError:
-            if self.timed_out and self.task is not None and self.task.uncancel() == 0:
-                # The watchdog ended a wait past timeouts.response_headers: another key may answer.
-                self.timed_out = False
-                self.upstream_time += self.loop.time() - sent
-                if response is not None:
-                    response.close()
-                return self._failed(provider, key, model, Verdict(Outcome.TIMEOUT))
-            if self._attempt_open:  # the app went away
+        except asyncio.CancelledError:  # the app went away
+            if self._attempt_open:
                 provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
                 self._count_attempt(provider, key, Outcome.CLIENT_DISCONNECTED)
             raise
         finally:
-            self.proxy.waiting.pop(self, None)
             if response is not None and self._attempt_open:
                 response.close()
-
-    def expire_wait(self) -> None:
-        """Called by the watchdog: the answer took longer than timeouts.response_headers."""
-        self.proxy.waiting.pop(self, None)
-        if self.task is not None and not self.task.done():
-            self.timed_out = True
-            self.task.cancel()
-
-    def cut_stream(self) -> None:
-        """Called by the watchdog: the stream stalled past timeouts.idle, or ran past timeouts.total."""
-        self.proxy.streaming.pop(self, None)
-        if self.upstream is not None:
-            self.timed_out = True
-            self.upstream.close()
 
     async def _send(self, provider: Provider, key: Key) -> aiohttp.ClientResponse:
         session = self.proxy.session
@@ -443,10 +408,9 @@ class Exchange:
         usage = UsageTail.for_response(response.headers) if outcome is Outcome.SUCCESS else None
         connection = response.connection
         if connection is not None and connection.protocol is not None:
-            # The gap between chunks is watched by Proxy._watch_timeouts a few times per span;
-            # a socket read timeout would re-arm a timer for every chunk of every stream.
+            # The idle gap between chunks is watched by Proxy._watch_idle once per tick; a
+            # socket read timeout would re-arm a timer for every chunk of every stream.
             connection.protocol.read_timeout = None
-        self.proxy.waiting.pop(self, None)  # from here the stream's own limits apply
         final = outcome
         streaming_from = None
         streaming = self.proxy.streaming
@@ -506,7 +470,7 @@ class Exchange:
         if transport is None or transport.is_closing():  # the app went away
             provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
             return Outcome.CLIENT_DISCONNECTED
-        verdict = Verdict(Outcome.TIMEOUT if self.timed_out else _transport_outcome(exc))  # the upstream broke
+        verdict = Verdict(Outcome.TIMEOUT if self.idle_expired else _transport_outcome(exc))  # the upstream broke
         provider.pool.record(key.name, model, verdict)
         transport.close()  # an unterminated body tells the app the answer is incomplete
         return verdict.outcome

@@ -66,9 +66,10 @@ class Runtime:
             (route, tuple(self.providers[n] for n in route.providers)) for route in config.routes
         )
         self.redact = Redactor(config.secrets())
-        # Only connecting is timed by aiohttp; the wait for an answer, the gaps in a stream and
-        # the whole request are enforced by the proxy's watchdog (no timer per request or chunk).
-        self.client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect)
+        timeouts = config.timeouts
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.response_headers
+        )
         self.known_models = {m for pc in config.providers.values() for k in pc.keys for m in k.models or ()}
 
     def route_for(self, path: str) -> tuple[Route, tuple[Provider, ...]] | None:
