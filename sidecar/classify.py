@@ -8,7 +8,7 @@ from __future__ import annotations
 import email.utils
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -115,7 +115,7 @@ def _seconds_until(text: str, now_wall: float) -> float | None:
 
 
 def _reset_family(
-    headers: Mapping[str, str], prefix: str, kinds: tuple[str, ...], parse: object, now_wall: float
+    headers: Mapping[str, str], prefix: str, kinds: tuple[str, ...], parse: Callable[[str], float | None]
 ) -> float | None:
     """The reset to wait for among `{prefix}{remaining,reset}-{kind}` style headers.
 
@@ -127,7 +127,7 @@ def _reset_family(
         raw = headers.get(prefix.format(field="reset", kind=kind))
         if raw is None:
             continue
-        seconds = _positive(parse_duration(raw) if parse == "duration" else _seconds_until(raw, now_wall))
+        seconds = _positive(parse(raw))
         if seconds is None:
             continue
         remaining = _number(headers.get(prefix.format(field="remaining", kind=kind)))
@@ -158,6 +158,7 @@ def retry_after_seconds(headers: Mapping[str, str], now_wall: float) -> float | 
             seconds = _positive(_seconds_until(raw, now_wall))
         if seconds is not None:
             return seconds
-    return _reset_family(headers, "x-ratelimit-{field}-{kind}", _OPENAI_KINDS, "duration", now_wall) or _reset_family(
-        headers, "anthropic-ratelimit-{kind}-{field}", _ANTHROPIC_KINDS, "time", now_wall
+    # OpenAI resets are durations ("6m0s"); Anthropic's are RFC 3339 times.
+    return _reset_family(headers, "x-ratelimit-{field}-{kind}", _OPENAI_KINDS, parse_duration) or _reset_family(
+        headers, "anthropic-ratelimit-{kind}-{field}", _ANTHROPIC_KINDS, lambda raw: _seconds_until(raw, now_wall)
     )
