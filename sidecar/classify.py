@@ -26,6 +26,7 @@ class Verdict:
 
 SUCCESS = Verdict(Outcome.SUCCESS)
 CLIENT_ERROR = Verdict(Outcome.CLIENT_ERROR)
+DISCONNECTED = Verdict(Outcome.CLIENT_DISCONNECTED)  # the app went away: says nothing of the key
 
 
 class Patterns:

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.classify import parse_duration
-from sidecar.health import Backoff, HealthPolicy, Key, exponential
+from sidecar.health import HealthSettings
+from sidecar.keys import Key
 from sidecar.providers import PATTERN_KINDS, PROVIDER_TYPES, PatternSet
 
 ReadFile = Callable[[str], str]
@@ -49,37 +50,6 @@ class Route:
     def matches(self, path: str) -> bool:
         prefix = self.prefix
         return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    failure_threshold: int = 3
-    failure_cooldown: float = 30.0
-    failure_cooldown_max: float = 600.0
-    credential_cooldown: float = 600.0
-    credential_cooldown_max: float = 6 * 3600.0
-    model_cooldown: float = 300.0
-    model_cooldown_max: float = 3600.0
-    rate_limit_cooldown: float = 30.0
-    rate_limit_cooldown_max: float = 3600.0
-    quota_cooldown: float = 1800.0
-    probe_timeout: float = 600.0
-    idle_expiry: float = 3600.0
-    max_models: int = 1000
-
-    def policy(self, backoff: Callable[[float, float], Backoff] = exponential) -> HealthPolicy:
-        return HealthPolicy(
-            failure_threshold=self.failure_threshold,
-            failure_backoff=backoff(self.failure_cooldown, self.failure_cooldown_max),
-            credential_backoff=backoff(self.credential_cooldown, self.credential_cooldown_max),
-            model_backoff=backoff(self.model_cooldown, self.model_cooldown_max),
-            rate_limit_backoff=backoff(self.rate_limit_cooldown, self.rate_limit_cooldown_max),
-            rate_limit_max=self.rate_limit_cooldown_max,
-            quota_cooldown=self.quota_cooldown,
-            probe_timeout=self.probe_timeout,
-            idle_expiry=self.idle_expiry,
-            max_models=self.max_models,
-        )
 
 
 @dataclass(frozen=True)
@@ -126,7 +96,7 @@ class Config:
     listen: tuple[str, int] = ("127.0.0.1", 4000)
     admin_listen: tuple[str, int] = ("0.0.0.0", 9464)
     log_level: str = "info"
-    health: HealthConfig = HealthConfig()
+    health: HealthSettings = field(default_factory=HealthSettings)
     retry: RetryConfig = RetryConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -187,7 +157,7 @@ def load_config(text: str, env: Mapping[str, str], read_file: ReadFile) -> Confi
         listen=_address(raw.get("listen", "127.0.0.1:4000"), "listen"),
         admin_listen=_address(raw.get("admin_listen", "0.0.0.0:9464"), "admin_listen"),
         log_level=_choice(raw.get("log_level", "info"), "log_level", LOG_LEVELS),
-        health=_section(raw, "health", HealthConfig),
+        health=_section(raw, "health", HealthSettings),
         retry=_section(raw, "retry", RetryConfig),
         timeouts=_section(raw, "timeouts", TimeoutConfig),
         limits=_section(raw, "limits", LimitsConfig),

@@ -47,6 +47,7 @@ class Rule:
     echo_key: bool = False  # quote the full key (and a masked form) in the error message
     events: int | None = None  # SSE events to stream
     event_delay: float | None = None
+    end_delay: float = 0.0  # seconds between a stream's last event and the end of its body
 
     def applies(self, key: str | None, model: str | None) -> bool:
         if self.times is not None and self.times <= 0:
@@ -175,7 +176,8 @@ class FakeProvider:
         if stream:
             events = rule.events if rule and rule.events is not None else self.events
             delay = rule.event_delay if rule and rule.event_delay is not None else self.event_delay
-            return await _stream(request, shape, model, body, events, delay, rule.headers if rule else {})
+            end_delay = rule.end_delay if rule else 0.0
+            return await _stream(request, shape, model, body, events, delay, rule.headers if rule else {}, end_delay)
         return web.json_response(_completion(shape, model, request.path), headers=rule.headers if rule else None)
 
     async def _fast(self, request: web.Request) -> web.StreamResponse:
@@ -446,10 +448,17 @@ def _sse_events(shape: str, model: str | None, body: dict[str, Any], count: int)
         events.append(data({"type": "message_stop"}, "message_stop"))
         return events
     if shape == "gemini":
+        last = count - 1
         return [
             data(
                 {
-                    "candidates": [{"content": {"parts": [{"text": f"tok{i} "}], "role": "model"}, "index": 0}],
+                    "candidates": [
+                        {
+                            "content": {"parts": [{"text": f"tok{i} "}], "role": "model"},
+                            "index": 0,
+                            **({"finishReason": "STOP"} if i == last else {}),
+                        }
+                    ],
                     "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": i + 1},
                 }
             )
@@ -483,6 +492,7 @@ async def _stream(
     count: int,
     delay: float,
     headers: dict[str, str],
+    end_delay: float = 0.0,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
     await response.prepare(request)
@@ -490,6 +500,8 @@ async def _stream(
         if delay and i:
             await asyncio.sleep(delay)
         await response.write(event)
+    if end_delay:  # over a real network the end of the body can trail the last event
+        await asyncio.sleep(end_delay)
     await response.write_eof()
     return response
 

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
-from sidecar.health import KeyPool, KeyStatus
+from sidecar.health import ALL_MODELS, HealthStore, KeyState, KeyStatus
 from sidecar.outcome import Outcome
 
 TTFB_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120)
@@ -125,11 +125,21 @@ class ModelLabels:
         return OTHER
 
 
-class KeyStateCollector(Collector):
-    """keymux_key_state, read from the live pools at scrape time, so expired states vanish."""
+# keymux_key_state's encoding of a key's state.
+KEY_STATE_GAUGE = {KeyState.USABLE: 0, KeyState.HALF_OPEN: 0, KeyState.COOLING: 1, KeyState.DISABLED: 2}
 
-    def __init__(self, pools: Callable[[], Iterable[KeyPool]], models: ModelLabels) -> None:
-        self.pools = pools
+HealthRecords = Callable[[], Iterable[tuple[str, HealthStore]]]  # (provider name, its health record)
+
+
+def scope_label(status: KeyStatus) -> str:
+    return KEY_WIDE_LABEL if status.scope is ALL_MODELS else status.scope
+
+
+class KeyStateCollector(Collector):
+    """keymux_key_state, read from the live health records at scrape time, so expired states vanish."""
+
+    def __init__(self, records: HealthRecords, models: ModelLabels) -> None:
+        self.records = records
         self.models = models
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -139,21 +149,21 @@ class KeyStateCollector(Collector):
             labels=["provider", "key", "model"],
         )
         seen: dict[tuple[str, str, str], int] = {}
-        for pool in self.pools():
-            for status in pool.statuses():
-                gauge = status.state.gauge
+        for provider, health in self.records():
+            for status in health.statuses():
+                gauge = KEY_STATE_GAUGE[status.state]
                 # Every key has its model="*" series; a model's series lives only while that
                 # model rests, so it is gone once the cooldown ends (the half-open probe is usable).
-                if gauge == 0 and status.model is not None:
+                if gauge == 0 and status.scope is not ALL_MODELS:
                     continue
-                labels = (pool.provider, status.key, self._model(status))
+                labels = (provider, status.key, self._model(status))
                 seen[labels] = max(seen.get(labels, 0), gauge)
         for labels, value in seen.items():
             family.add_metric(list(labels), value)
         yield family
 
     def _model(self, status: KeyStatus) -> str:
-        return KEY_WIDE_LABEL if status.model is None else self.models(status.model)
+        return KEY_WIDE_LABEL if status.scope is ALL_MODELS else self.models(status.scope)
 
 
 class Metrics:
@@ -217,8 +227,8 @@ class Metrics:
         family("gauge", "keymux_build_info", "keymux build", ["version"])(__version__).inc()
         self.registry.register(_FamilyCollector(families))
 
-    def watch_pools(self, pools: Callable[[], Iterable[KeyPool]]) -> None:
-        self.registry.register(KeyStateCollector(pools, self.models))
+    def watch_health(self, records: HealthRecords) -> None:
+        self.registry.register(KeyStateCollector(records, self.models))
 
     def attempt(self, provider: str, key: str, model: str, outcome: Outcome) -> None:
         self.attempts(provider, key, model, outcome.value).inc()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from sidecar.keys import Key
 
 # Whatever credential the app sent is removed before forwarding (it is a placeholder at best,
 # and a real key of the app's at worst).
@@ -141,51 +143,101 @@ def _gemini_error(status: int, code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": status, "message": message, "status": _GOOGLE_STATUS.get(status, "UNAVAILABLE")}}
 
 
+class Credential(Protocol):
+    """How one provider's keys authenticate a request: a step run for every attempt.
+
+    It sees the request as it will be sent (a signature such as AWS SigV4 needs the method,
+    URL, body and time; a token exchange needs the key), and returns the headers to add.
+    Every secret value it produces is passed to the `learn` callback it was built with, so the
+    redactor masks it wherever it might be echoed.
+    """
+
+    def headers(self, key: Key, method: str, url: str, body: bytes) -> tuple[tuple[str, str], ...]: ...
+
+
+Learn = Callable[[str], None]
+CredentialFactory = Callable[[Sequence[Key], Learn], Credential]
+
+
+class HeaderCredential:
+    """The key itself in one header, with an optional prefix: every provider type today."""
+
+    def __init__(self, header: str, prefix: str, keys: Sequence[Key], learn: Learn) -> None:
+        self._headers = {key.name: ((header, prefix + key.secret),) for key in keys}
+        for key in keys:
+            learn(key.secret)
+
+    def headers(self, key: Key, method: str, url: str, body: bytes) -> tuple[tuple[str, str], ...]:
+        return self._headers[key.name]
+
+
+def header_credential(header: str, prefix: str = "") -> CredentialFactory:
+    return lambda keys, learn: HeaderCredential(header, prefix, keys, learn)
+
+
 @dataclass(frozen=True)
 class ProviderSpec:
     """What keymux knows about one provider type."""
 
     type: str
-    auth_header: str
-    auth_prefix: str
+    credential: CredentialFactory
+    credential_header: str  # where the key goes, for the README's provider table and the docs
     model_location: str  # "body", "path" (Gemini models/{model}:…) or "deployment" (Azure)
     find_model: Callable[[str, bytes], str | None]  # (upstream path, request body) -> model
     error_body: Callable[[int, str, str], dict[str, Any]]
+    # What the last event of a complete stream holds: an app that closes the connection after
+    # it has the whole answer (the openai SDK closes at `data: [DONE]`).
+    terminal_events: tuple[bytes, ...]
     default_headers: tuple[tuple[str, str], ...] = ()
     stream_errors: bool = False  # errors may arrive as the first event of a 200 SSE stream
-
-    def auth_value(self, secret: str) -> str:
-        return self.auth_prefix + secret
 
     def error_json(self, status: int, code: str, message: str) -> bytes:
         return json.dumps(self.error_body(status, code, message)).encode()
 
+    def ends_stream(self, tail: bytes) -> bool:
+        """Whether `tail`, the last bytes forwarded, holds this provider's terminal event."""
+        return any(marker in tail for marker in self.terminal_events)
+
+
+_OPENAI_TERMINAL = (b"data: [DONE]", b"event: response.completed", b"event: response.incomplete")
+_ANTHROPIC_TERMINAL = (b"event: message_stop",)
+_GEMINI_TERMINAL = (b'"finishReason"',)
+
 
 def _spec(
-    type_: str, header: str, prefix: str, location: str, error: Callable[[int, str, str], dict[str, Any]], **extra: Any
+    type_: str,
+    header: str,
+    prefix: str,
+    location: str,
+    error: Callable[[int, str, str], dict[str, Any]],
+    terminal: tuple[bytes, ...],
+    **extra: Any,
 ) -> ProviderSpec:
     finder = {
         "body": model_from_json,
         "path": _model_from_path(_GEMINI_MODEL),
         "deployment": _model_from_path(_AZURE_DEPLOYMENT),
     }[location]
-    return ProviderSpec(type_, header, prefix, location, finder, error, **extra)
+    return ProviderSpec(type_, header_credential(header, prefix), header, location, finder, error, terminal, **extra)
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
-    "openai": _spec("openai", "authorization", "Bearer ", "body", _openai_error),
-    "openai-compatible": _spec("openai-compatible", "authorization", "Bearer ", "body", _openai_error),
+    "openai": _spec("openai", "authorization", "Bearer ", "body", _openai_error, _OPENAI_TERMINAL),
+    "openai-compatible": _spec(
+        "openai-compatible", "authorization", "Bearer ", "body", _openai_error, _OPENAI_TERMINAL
+    ),
     "anthropic": _spec(
         "anthropic",
         "x-api-key",
         "",
         "body",
         _anthropic_error,
+        _ANTHROPIC_TERMINAL,
         default_headers=(("anthropic-version", "2023-06-01"),),
         stream_errors=True,
     ),
-    "gemini": _spec("gemini", "x-goog-api-key", "", "path", _gemini_error),
-    "azure": _spec("azure", "api-key", "", "deployment", _openai_error),
+    "gemini": _spec("gemini", "x-goog-api-key", "", "path", _gemini_error, _GEMINI_TERMINAL),
+    "azure": _spec("azure", "api-key", "", "deployment", _openai_error, _OPENAI_TERMINAL),
 }
 PROVIDER_TYPES = tuple(PROVIDERS)
 # Anthropic's 529 is the provider being overloaded, whichever key asked.

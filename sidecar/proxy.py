@@ -1,8 +1,9 @@
-"""The app-facing proxy: moves bytes and asks the core what to do.
+"""The app-facing proxy: a thin shell that moves bytes and feeds the attempt plan.
 
-One Exchange per app request: read the body once, pick a key, forward, classify the answer,
-retry on another key (or the next provider) while nothing has reached the app, then stream
-the final answer through chunk by chunk.
+One Exchange per app request: take the request in (route, path, body), then run the plan:
+each attempt sends the request with the key the plan chose, classifies the answer, and either
+forwards it (a `Relay` streams it chunk by chunk) or hands the plan a failure another key may
+fix. Every attempt is finished exactly once, in `Exchange._attempt`, with its final verdict.
 """
 
 from __future__ import annotations
@@ -12,41 +13,42 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.classify import SUCCESS, Verdict, classify, classify_stream_start
-from sidecar.health import Key, KeyStatus
+from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
+from sidecar.accesslog import AccessLog
+from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
-from sidecar.providers import APP_CREDENTIAL_HEADERS, APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS
+from sidecar.plan import Attempt, LocalAnswer, Plan
+from sidecar.providers import APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS, ProviderSpec
 from sidecar.redact import BodyScrubber, EventScrubber
-from sidecar.runtime import Provider, Runtime, retry_after_header
+from sidecar.runtime import Provider, Runtime
 from sidecar.usage import UsageTail
 
-access_log = logging.getLogger("keymux.access")
 log = logging.getLogger("keymux")
 
-_DROP_REQUEST = HOP_BY_HOP_HEADERS | APP_CREDENTIAL_HEADERS | {"accept-encoding"}
 _DECODED = frozenset({"content-encoding", "content-length"})
 _ENCODED_SEPARATORS = ("%2e", "%2f", "%5c", "%00", "%25", "%0d", "%0a")
 # TRACE would make an upstream reflect the request, key included; CONNECT asks for a tunnel.
 _REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
-_UPSTREAM_STATUS = {Outcome.TIMEOUT: 504, Outcome.CONNECTION_ERROR: 502}
+_TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+_STREAM_BROKEN = (TimeoutError, ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
 
 
 class Proxy:
-    """What outlives a request: the current runtime, the client session, the metrics."""
+    """What outlives a request: the current runtime, the client session, metrics and access log."""
 
-    def __init__(self, runtime: Runtime, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, access: AccessLog | None = None) -> None:
         self.runtime = runtime
         self.metrics = metrics
+        self.access = access or AccessLog()
         self.session: aiohttp.ClientSession | None = None
-        self.streaming: dict[Exchange, None] = {}  # answers being streamed, for the idle watch
+        self.streaming: dict[Relay, None] = {}  # answers being streamed, for the idle watch
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -56,10 +58,7 @@ class Proxy:
         self.session = aiohttp.ClientSession(
             connector=connector, skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar()
         )
-        # aiohttp silently re-sends an idempotent request once when a pooled connection drops;
-        # keymux makes that decision itself (another key), so each attempt is one request.
-        if hasattr(self.session, "_retry_connection"):
-            self.session._retry_connection = False
+        disable_connection_retry(self.session)
         self._watcher = asyncio.create_task(self._watch_idle())
 
     async def close(self) -> None:
@@ -68,6 +67,7 @@ class Proxy:
             self._watcher = None
         if self.session is not None:
             await self.session.close()
+        self.access.flush()
 
     async def _watch_idle(self) -> None:
         """Cut streams whose upstream sent nothing for timeouts.idle, checked a few times per idle span."""
@@ -75,10 +75,10 @@ class Proxy:
         while True:
             await asyncio.sleep(min(1.0, max(0.05, self.runtime.config.timeouts.idle / 4)))
             now = loop.time()
-            for exchange in list(self.streaming):
-                if now - exchange.last_chunk > exchange.rt.config.timeouts.idle and exchange.upstream is not None:
-                    exchange.idle_expired = True
-                    exchange.upstream.close()
+            for relay in list(self.streaming):
+                if now - relay.last_chunk > relay.idle_limit:
+                    relay.idle_expired = True
+                    relay.response.close()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         exchange = Exchange(self, self.runtime, request)
@@ -86,7 +86,6 @@ class Proxy:
         try:
             return await exchange.run()
         except asyncio.CancelledError:
-            exchange.outcome = Outcome.CLIENT_DISCONNECTED
             raise
         except Exception:
             # A bug of keymux's own: say so in the provider's shape rather than as a bare 500
@@ -94,26 +93,22 @@ class Proxy:
             log.exception("unexpected error while proxying a request")
             if exchange.prepared:
                 raise
-            return exchange.local_error(500, "keymux_error", "keymux: internal error", Outcome.UPSTREAM_ERROR)
+            return exchange.local(LocalAnswer(500, "keymux_error", "keymux: internal error", Outcome.UPSTREAM_ERROR))
         finally:
             self.metrics.inflight.dec()
             exchange.report()
 
 
-@dataclass
-class _Failed:
-    """An attempt that failed in a way another key may fix."""
+@dataclass(slots=True)
+class _Held:
+    """A failed attempt's answer, kept in case no other attempt follows and it is the last."""
 
-    provider: Provider
-    key: Key
-    model: str
-    verdict: Verdict
-    response: aiohttp.ClientResponse | None = None  # the answer, kept in case it is the last
+    response: aiohttp.ClientResponse | None
     prefix: bytes = b""
 
 
 class Exchange:
-    """One app request, from arrival to the last byte forwarded."""
+    """One app request, from arrival to the last byte forwarded. Also the plan's observer."""
 
     def __init__(self, proxy: Proxy, runtime: Runtime, request: web.BaseRequest) -> None:
         self.proxy = proxy
@@ -124,27 +119,24 @@ class Exchange:
         self.started = self.loop.time()
         self.route_label = "none"
         self.providers: tuple[Provider, ...] = ()
+        self.plan: Plan | None = None
         self.path = "/"  # upstream path and query: the route prefix and app credentials removed
         self.body = b""
         self._models: dict[str, str] = {}  # by where the model is found: body, path, deployment
         self._headers: list[tuple[str, str]] | None = None
-        self.tried: dict[str, set[str]] = {}
-        self.done: set[str] = set()  # providers with nothing left to try
-        self.provider_outcomes: dict[str, Outcome] = {}
-        self.keys_tried: list[str] = []
-        self.provider: Provider | None = None  # the one that answered last
-        self.model: str | None = None
-        self.outcome: Outcome | None = None
+        self.model: str | None = None  # the first model name found, for labels
+        self._label: str | None = None
+        self.answer: LocalAnswer | None = None  # set when keymux answered itself
+        self.answer_bytes = 0
+        self.relay: Relay | None = None  # the answer being (or last) forwarded
         self.status = 0
         self.ttfb: float | None = None
-        self.bytes_out = 0
-        self.prepared = False  # the answer's headers went to the app: no retry, no other answer
-        self._attempt_open = False  # an attempt is under way and not yet counted
-        self.upstream: aiohttp.ClientResponse | None = None  # the answer being streamed
-        self.last_chunk = 0.0
-        self.idle_expired = False
         self.upstream_time = 0.0  # waiting for upstream headers
-        self.streaming_time = 0.0  # forwarding the body, paced by the upstream
+
+    @property
+    def prepared(self) -> bool:
+        """The answer's headers went to the app: no retry, no other answer."""
+        return self.relay is not None and self.relay.prepared
 
     # -- the flow --------------------------------------------------------------------------
 
@@ -161,15 +153,16 @@ class Exchange:
         rejected = self._take_path(route.prefix) or await self._read_body()
         if rejected is not None:
             return rejected
-        candidate = self._next_candidate(None)
-        if candidate is None:
-            return self._no_key()
+        plan = self.plan = Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self)
+        attempt = plan.next()
+        if attempt is None:
+            return self.local(plan.no_key())
         while True:
-            result = await self._attempt(*candidate)
-            if not isinstance(result, _Failed):
+            result = await self._attempt(attempt)
+            if not isinstance(result, _Held):
                 return result
-            candidate = self._next_candidate(result)
-            if candidate is None:
+            attempt = plan.next()
+            if attempt is None:
                 return await self._give_last_answer(result)
             if result.response is not None:
                 result.response.close()
@@ -193,9 +186,7 @@ class Exchange:
         remainder = raw_path[len(prefix) :]
         if not raw_path.startswith(prefix) or (remainder and remainder[0] != "/"):
             return self._unknown_route()  # the prefix was percent-encoded, or not a whole segment
-        lowered = raw_path.lower()
-        segments = self.request.path.split("/")
-        if "." in segments or ".." in segments or "\\" in lowered or any(e in lowered for e in _ENCODED_SEPARATORS):
+        if _suspicious(raw_path, self.request.path):
             return self.local_error(
                 400, "invalid_path", "keymux: the path must not hold dot segments or encoded separators"
             )
@@ -242,259 +233,112 @@ class Exchange:
                 self.model = model
         return model
 
-    # -- choosing --------------------------------------------------------------------------
-
-    def _next_candidate(self, failed: _Failed | None) -> tuple[Provider, Key] | None:
-        """The next (provider, key) to try, or None when the budget or the keys are spent."""
-        retry = self.rt.config.retry
-        if len(self.keys_tried) >= retry.max_attempts or self.loop.time() - self.started >= retry.budget:
-            return None
-        previous = None
-        if failed is not None:
-            previous = failed.provider
-            if failed.verdict.provider_wide:
-                self.done.add(failed.provider.name)
-        for provider in self.providers:
-            if provider.name in self.done:
-                continue
-            key = provider.pool.choose(self.model_for(provider), self.tried.get(provider.name, ()))
-            if key is not None:
-                self._count_switch(previous, provider, failed)
-                return provider, key
-            self.done.add(provider.name)
-            self.provider_outcomes.setdefault(provider.name, Outcome.NO_KEY_AVAILABLE)
-            previous = provider
-        return None
-
-    def _count_switch(self, previous: Provider | None, provider: Provider, failed: _Failed | None) -> None:
-        """A key retry within a provider, or a fallback to the next provider of the route."""
-        if previous is None:
-            return
-        if previous is not provider:
-            self.metrics.fallbacks(self.route_label, previous.name, provider.name).inc()
-        elif failed is not None:
-            self.metrics.key_retries(provider.name, self._model_label(), failed.verdict.outcome.value).inc()
-
     # -- one attempt -----------------------------------------------------------------------
 
-    async def _attempt(self, provider: Provider, key: Key) -> web.StreamResponse | _Failed:
-        model = self.model_for(provider)
-        self.provider = provider
-        self.tried.setdefault(provider.name, set()).add(key.name)
-        self.keys_tried.append(f"{provider.name}/{key.name}")
-        self._attempt_open = True
-        sent = self.loop.time()
+    async def _attempt(self, attempt: Attempt) -> web.StreamResponse | _Held:
+        """Send, judge, and forward or hold the answer; the attempt is finished here, once."""
+        provider: Provider = attempt.provider  # type: ignore[assignment]
+        verdict = DISCONNECTED  # what it ends as if the app goes away before anything is known
+        relay = None
+        held = None
         response = None
         try:
+            sent = self.loop.time()
             try:
-                response = await self._send(provider, key)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                response = await self._send(provider, attempt)
+                self.ttfb = self.loop.time() - sent
+                self.metrics.ttfb(provider.name, self._model_label()).observe(self.ttfb)
+                verdict, prefix = await self._judge(provider, response)
+            except _TRANSPORT_ERRORS as exc:
+                verdict = Verdict(_transport_outcome(exc))
+                return _Held(None)
+            finally:
                 self.upstream_time += self.loop.time() - sent
-                return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
-            waited = self.loop.time() - sent
-            self.upstream_time += waited
-            self.ttfb = waited
-            self.metrics.ttfb(provider.name, self._model_label()).observe(waited)
-            return await self._judge(provider, key, model, response)
-        except asyncio.CancelledError:  # the app went away
-            if self._attempt_open:
-                provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
-                self._count_attempt(provider, key, Outcome.CLIENT_DISCONNECTED)
-            raise
+            if verdict.outcome.retryable:
+                held = _Held(response, prefix)
+                return held
+            relay = self.relay = Relay(self, provider.spec, response, prefix, verdict)
+            return await relay.run()
         finally:
-            if response is not None and self._attempt_open:
+            final = relay.verdict if relay is not None else verdict
+            attempt.finish(final)
+            if relay is not None and relay.usage is not None and final.outcome is Outcome.SUCCESS:
+                for kind, count in relay.usage.counts().items():
+                    self.metrics.tokens(provider.name, attempt.key.name, self._model_label(), kind).inc(count)
+            if response is not None and held is None:
                 response.close()
 
-    async def _send(self, provider: Provider, key: Key) -> aiohttp.ClientResponse:
+    async def _send(self, provider: Provider, attempt: Attempt) -> aiohttp.ClientResponse:
         session = self.proxy.session
         assert session is not None, "Proxy.start() was not awaited"
+        method, url = self.request.method, provider.config.base_url + self.path
+        headers = self._headers_for(provider)
+        headers.update(provider.headers_for(attempt.key, method, url, self.body))
         return await session.request(
-            self.request.method,
-            URL(provider.config.base_url + self.path, encoded=True),
-            headers=self._headers_for(provider, key),
+            method,
+            URL(url, encoded=True),
+            headers=headers,
             data=self.body or None,
             allow_redirects=False,
             timeout=self.rt.client_timeout,
         )
 
-    def _headers_for(self, provider: Provider, key: Key) -> CIMultiDict[str]:
+    def _headers_for(self, provider: Provider) -> CIMultiDict[str]:
+        """The app's end-to-end headers, less its credentials, plus the provider's defaults."""
         if self._headers is None:
             incoming = self.request.headers
-            drop = _DROP_REQUEST | _connection_tokens(incoming) | {self.rt.config.security.inbound_header}
+            drop = self.rt.drop_headers
+            if "connection" in incoming:
+                drop = drop | _connection_tokens(incoming)
             self._headers = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
         headers = CIMultiDict(self._headers)
         for name, value in provider.spec.default_headers:
             headers.setdefault(name, value)
-        headers.update(provider.key_headers[key.name])
         return headers
 
-    async def _judge(
-        self, provider: Provider, key: Key, model: str, response: aiohttp.ClientResponse
-    ) -> web.StreamResponse | _Failed:
-        """Classify the answer: forward it, or report a failure another key may fix."""
-        first = b""
-        try:
-            if response.status >= 400:
-                prefix = await _read_prefix(response, self.rt.config.limits.error_body_bytes)
-            elif provider.spec.stream_errors and "event-stream" in response.headers.get("content-type", ""):
-                # An error can arrive as the first event of a 200 stream: peek before answering.
-                first = await response.content.readany()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            response.close()
-            return self._failed(provider, key, model, Verdict(_transport_outcome(exc)))
-        if response.status < 400:
-            verdict = classify_stream_start(first, provider.patterns) if first else SUCCESS
-            if verdict.outcome.retryable:
-                return self._failed(provider, key, model, verdict, response, first)
-            provider.pool.record(key.name, model, SUCCESS)
-            return await self._forward(provider, key, model, response, first, Outcome.SUCCESS)
-        verdict = classify(response.status, response.headers, prefix, provider.patterns, time.time())
-        if not verdict.outcome.retryable:
-            provider.pool.record(key.name, model, verdict)
-            return await self._forward(provider, key, model, response, prefix, verdict.outcome)
-        return self._failed(provider, key, model, verdict, response, prefix)
-
-    def _failed(
-        self,
-        provider: Provider,
-        key: Key,
-        model: str,
-        verdict: Verdict,
-        response: aiohttp.ClientResponse | None = None,
-        prefix: bytes = b"",
-    ) -> _Failed:
-        provider.pool.record(key.name, model, verdict)
-        self._count_attempt(provider, key, verdict.outcome)
-        return _Failed(provider, key, model, verdict, response, prefix)
-
-    def _count_attempt(self, provider: Provider, key: Key, outcome: Outcome) -> None:
-        self._attempt_open = False
-        self.metrics.attempt(provider.name, key.name, self._model_label(), outcome)
-        self.provider_outcomes[provider.name] = outcome
-        self.outcome = outcome
-
-    async def _give_last_answer(self, failed: _Failed) -> web.StreamResponse:
-        """Everything failed: the app gets the last upstream answer, or a gateway error."""
-        if failed.response is not None:
-            return await self._forward(failed.provider, failed.key, failed.model, failed.response, failed.prefix, None)
-        outcome = failed.verdict.outcome
-        status = _UPSTREAM_STATUS.get(outcome, 502)
-        tried = ", ".join(self.keys_tried)
-        return self.local_error(
-            status, outcome.value, f"keymux: every attempt failed ({outcome.value}); tried {tried}", outcome
-        )
-
-    # -- streaming the answer --------------------------------------------------------------
-
-    async def _forward(
-        self,
-        provider: Provider,
-        key: Key,
-        model: str,
-        response: aiohttp.ClientResponse,
-        prefix: bytes,
-        outcome: Outcome | None,
-    ) -> web.StreamResponse:
-        """Stream an upstream answer to the app chunk by chunk.
-
-        The attempt is counted once, with its final outcome; `outcome` None: already counted.
-        """
-        self.status = response.status
-        out = web.StreamResponse(status=response.status, reason=response.reason)
-        length_known = _copy_response_headers(response.headers, out)
-        scrub = self._scrubber(response)
-        if length_known and not isinstance(scrub, BodyScrubber):  # redaction may change an error body's length
-            out.content_length = response.content_length
-        usage = UsageTail.for_response(response.headers) if outcome is Outcome.SUCCESS else None
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            # The idle gap between chunks is watched by Proxy._watch_idle once per tick; a
-            # socket read timeout would re-arm a timer for every chunk of every stream.
-            connection.protocol.read_timeout = None
-        final = outcome
-        streaming_from = None
-        streaming = self.proxy.streaming
-        try:
-            await out.prepare(self.request)
-            self.prepared = True
-            streaming_from = self.last_chunk = self.loop.time()
-            self.upstream = response
-            streaming[self] = None
-            if prefix:
-                await out.write(self._pass(prefix, usage, scrub))
-            clock = self.loop.time
-            async for chunk in response.content.iter_any():
-                self.last_chunk = clock()
-                await out.write(self._pass(chunk, usage, scrub))
-            if scrub is not None and (rest := scrub.flush()):
-                self.bytes_out += len(rest)
-                await out.write(rest)
-            await out.write_eof()
-        except (TimeoutError, ConnectionResetError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            final = self._stream_interrupted(provider, key, model, exc)
-        finally:
-            streaming.pop(self, None)
-            response.close()
-        if streaming_from is not None:
-            self.streaming_time = self.loop.time() - streaming_from
-        if outcome is not None:
-            self._count_attempt(provider, key, final or outcome)
-        else:
-            self.outcome = final or self.outcome
-        if usage is not None and final is Outcome.SUCCESS:
-            for kind, count in usage.counts().items():
-                self.metrics.tokens(provider.name, key.name, self._model_label(), kind).inc(count)
-        return out
-
-    def _pass(self, chunk: bytes, usage: UsageTail | None, scrub: BodyScrubber | EventScrubber | None) -> bytes:
-        """One chunk on its way to the app: counted, read for usage, scrubbed of secrets."""
-        if usage is not None:
-            usage.feed(chunk)
-        if scrub is not None:
-            chunk = scrub.feed(chunk)
-        self.bytes_out += len(chunk)
-        return chunk
-
-    def _scrubber(self, response: aiohttp.ClientResponse) -> BodyScrubber | EventScrubber | None:
-        """What redacts echoed secrets on the way to the app: every error body, and the error
-        events of a success stream; other success bodies pass untouched."""
+    async def _judge(self, provider: Provider, response: aiohttp.ClientResponse) -> tuple[Verdict, bytes]:
+        """What the answer says so far, and the bytes read to decide it."""
         if response.status >= 400:
-            return BodyScrubber(self.rt.redact)
-        if "event-stream" in response.headers.get("content-type", ""):
-            return EventScrubber(self.rt.redact)
-        return None
+            prefix = await _read_prefix(response, self.rt.config.limits.error_body_bytes)
+            return classify(response.status, response.headers, prefix, provider.patterns, time.time()), prefix
+        if provider.spec.stream_errors and "event-stream" in response.headers.get("content-type", ""):
+            # An error can arrive as the first event of a 200 stream: peek before answering.
+            first = await response.content.readany()
+            return (classify_stream_start(first, provider.patterns) if first else SUCCESS), first
+        return SUCCESS, b""
 
-    def _stream_interrupted(self, provider: Provider, key: Key, model: str, exc: BaseException) -> Outcome:
-        """The stream stopped after bytes reached the app: no retry is possible any more."""
-        transport = self.request.transport
-        if transport is None or transport.is_closing():  # the app went away
-            provider.pool.record(key.name, model, Verdict(Outcome.CLIENT_DISCONNECTED))
-            return Outcome.CLIENT_DISCONNECTED
-        verdict = Verdict(Outcome.TIMEOUT if self.idle_expired else _transport_outcome(exc))  # the upstream broke
-        provider.pool.record(key.name, model, verdict)
-        transport.close()  # an unterminated body tells the app the answer is incomplete
-        return verdict.outcome
+    async def _give_last_answer(self, held: _Held) -> web.StreamResponse:
+        """Everything failed: the app gets the last upstream answer, or a gateway error."""
+        if held.response is None:
+            assert self.plan is not None
+            return self.local(self.plan.exhausted())
+        last = self.plan.last if self.plan else None
+        assert last is not None and last.verdict is not None
+        relay = self.relay = Relay(self, last.provider.spec, held.response, held.prefix, last.verdict, usage=False)
+        try:
+            return await relay.run()
+        finally:
+            held.response.close()
 
     # -- local answers ---------------------------------------------------------------------
 
-    def local_error(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        outcome: Outcome = Outcome.CLIENT_ERROR,
-        retry_after: str | None = None,
-    ) -> web.Response:
-        """An error keymux itself answers, in the shape the app's SDK expects."""
+    def local(self, answer: LocalAnswer) -> web.Response:
+        """An answer keymux gives itself, in the shape the app's SDK expects."""
+        self.answer = answer
         spec = self.providers[0].spec if self.providers else self._guess_spec()
-        headers = {"x-keymux-error": code}
+        headers = {"x-keymux-error": answer.code}
+        retry_after = answer.retry_after_header
         if retry_after is not None:
             headers["Retry-After"] = retry_after
-        body = spec.error_json(status, code, message)
-        self.outcome, self.status, self.bytes_out = outcome, status, len(body)
-        return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+        body = spec.error_json(answer.status, answer.code, answer.message)
+        self.status = answer.status
+        self.answer_bytes = len(body)
+        return web.Response(status=answer.status, body=body, content_type="application/json", headers=headers)
 
-    def _guess_spec(self) -> Any:
+    def local_error(self, status: int, code: str, message: str) -> web.Response:
+        return self.local(LocalAnswer(status, code, message, Outcome.CLIENT_ERROR))
+
+    def _guess_spec(self) -> ProviderSpec:
         types = {p.spec.type for p in self.rt.providers.values()}
         return PROVIDERS[types.pop()] if len(types) == 1 else PROVIDERS["openai"]
 
@@ -502,67 +346,210 @@ class Exchange:
         prefixes = ", ".join(route.prefix or "/" for route, _ in self.rt.routes)
         return self.local_error(404, "route_not_found", f"keymux: no route for this path; routes: {prefixes}")
 
-    def _no_key(self) -> web.Response:
-        """No key could take the request at all: 503, or 429 when every one is rate-limited."""
-        now = self.rt.clock()
-        blocked: list[tuple[Provider, KeyStatus]] = []
-        for provider in self.providers:
-            model = self.model_for(provider)
-            blocked += [(provider, status) for status in provider.pool.blocking(model)]
-        parts = [_describe(provider, status, now) for provider, status in blocked]
-        model = self.model or ""
-        if not parts:
-            detail = f"no configured key is allowed to serve model '{model}'" if model else "no keys are configured"
-        else:
-            detail = f"no key can serve model '{model}' right now: " + "; ".join(parts)
-        waits = [status.until - now for _, status in blocked if status.until is not None]
-        limited = bool(blocked) and all(s.last_outcome is Outcome.RATE_LIMITED for _, s in blocked)
-        retry_after = retry_after_header(min(waits)) if waits else None
-        status = 429 if limited else 503
-        return self.local_error(status, "no_key_available", f"keymux: {detail}", Outcome.NO_KEY_AVAILABLE, retry_after)
+    # -- the plan's observer ---------------------------------------------------------------
+
+    def attempt_finished(self, attempt: Attempt) -> None:
+        assert attempt.verdict is not None
+        self.metrics.attempt(attempt.provider.name, attempt.key.name, self._model_label(), attempt.verdict.outcome)
+
+    def key_retry(self, provider: str, reason: Outcome) -> None:
+        self.metrics.key_retries(provider, self._model_label(), reason.value).inc()
+
+    def fallback(self, from_provider: str, to_provider: str) -> None:
+        self.metrics.fallbacks(self.route_label, from_provider, to_provider).inc()
 
     # -- reporting -------------------------------------------------------------------------
 
     def _model_label(self) -> str:
-        return self.metrics.models(self.model)
+        label = self._label
+        if label is None:
+            label = self.metrics.models(self.model)
+            if self.model is not None:  # final once the model is known
+                self._label = label
+        return label
+
+    def outcome(self) -> Outcome:
+        """The request's outcome: keymux's own answer's, else the last attempt's final one."""
+        if self.answer is not None:
+            return self.answer.outcome
+        relay = self.relay
+        if relay is not None and relay.cut_by_app:
+            return Outcome.CLIENT_DISCONNECTED
+        last = self.plan.last if self.plan is not None else None
+        if last is None or last.verdict is None:
+            return Outcome.CLIENT_DISCONNECTED
+        return last.verdict.outcome
 
     def report(self) -> None:
-        outcome = self.outcome or Outcome.CLIENT_DISCONNECTED
+        outcome = self.outcome().value
         duration = self.loop.time() - self.started
         model = self._model_label()
-        provider = self.provider.name if self.provider else "none"
+        plan, relay = self.plan, self.relay
+        last = plan.last if plan is not None else None
+        provider = last.provider.name if last is not None else "none"
+        streaming = relay.streaming_time if relay is not None else 0.0
         metrics = self.metrics
-        metrics.requests(self.route_label, provider, model, outcome.value).inc()
-        metrics.duration(self.route_label, model, outcome.value).observe(duration)
-        metrics.overhead(self.route_label).observe(max(duration - self.upstream_time - self.streaming_time, 0.0))
-        for name, result in self.provider_outcomes.items():
-            metrics.provider_requests(name, model, result.value).inc()
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "request",
-                extra={
-                    "fields": {
-                        "route": self.route_label,
-                        "method": self.request.method,
-                        "provider": provider,
-                        "keys": self.keys_tried,
-                        "model": model,
-                        "attempts": len(self.keys_tried),
-                        "outcome": outcome.value,
-                        "status": self.status,
-                        "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 2),
-                        "duration_ms": round(duration * 1000, 2),
-                        "bytes": self.bytes_out,
-                    }
-                },
+        metrics.requests(self.route_label, provider, model, outcome).inc()
+        metrics.duration(self.route_label, model, outcome).observe(duration)
+        metrics.overhead(self.route_label).observe(max(duration - self.upstream_time - streaming, 0.0))
+        if plan is not None:
+            for name, result in plan.provider_outcomes.items():
+                metrics.provider_requests(name, model, result.value).inc()
+        access = self.proxy.access
+        if access.enabled:
+            access.request(
+                self.route_label,
+                self.request.method,
+                provider,
+                plan.keys_tried if plan is not None else [],
+                model,
+                len(plan.attempts) if plan is not None else 0,
+                outcome,
+                self.status,
+                None if self.ttfb is None else round(self.ttfb * 1000, 2),
+                round(duration * 1000, 2),
+                relay.bytes_out if relay is not None else self.answer_bytes,
             )
 
 
-def _describe(provider: Provider, status: KeyStatus, now: float) -> str:
-    scope = "every model" if status.model is None else f"model '{status.model}'"
-    why = f" after {status.last_outcome.value}" if status.last_outcome else ""
-    until = f" for {max(status.until - now, 0):.0f} s" if status.until is not None else " (probe in flight)"
-    return f"{provider.name}/{status.key} {status.state.value} for {scope}{why}{until}"
+class Relay:
+    """Streams one upstream answer to the app chunk by chunk, and says how the stream ended.
+
+    `verdict` is what the stream's end says about the attempt: the verdict of its headers
+    when the whole answer went through (or the app hung up after the provider's terminal
+    event), a transport failure when the upstream broke, `client_disconnected` when the app
+    went away before the end.
+    """
+
+    __slots__ = (
+        "_headers_verdict",
+        "_tail",
+        "bytes_out",
+        "cut_by_app",
+        "exchange",
+        "idle_expired",
+        "idle_limit",
+        "last_chunk",
+        "prefix",
+        "prepared",
+        "response",
+        "spec",
+        "streaming_time",
+        "usage",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        spec: ProviderSpec,
+        response: aiohttp.ClientResponse,
+        prefix: bytes,
+        verdict: Verdict,
+        usage: bool = True,
+    ) -> None:
+        self.exchange = exchange
+        self.spec = spec
+        self.response = response
+        self.prefix = prefix
+        self._headers_verdict = verdict
+        self.verdict = DISCONNECTED  # until the stream's end says otherwise
+        self.usage = UsageTail.for_response(response.headers) if usage and verdict is SUCCESS else None
+        self.prepared = False
+        self.cut_by_app = False
+        self.bytes_out = 0
+        self.last_chunk = 0.0
+        self.idle_expired = False
+        self.idle_limit = exchange.rt.config.timeouts.idle
+        self.streaming_time = 0.0
+        self._tail = b""  # the last chunk forwarded, to tell a finished stream from a cut one
+
+    async def run(self) -> web.StreamResponse:
+        exchange, response = self.exchange, self.response
+        loop = exchange.loop
+        exchange.status = response.status
+        out = web.StreamResponse(status=response.status, reason=response.reason)
+        length_known = _copy_response_headers(response.headers, out)
+        scrub = self._scrubber()
+        if length_known and not isinstance(scrub, BodyScrubber):  # redaction may change an error body's length
+            out.content_length = response.content_length
+        stop_read_timeout(response)
+        streaming = exchange.proxy.streaming
+        started = None
+        usage = self.usage
+        try:
+            await out.prepare(exchange.request)
+            self.prepared = True
+            started = self.last_chunk = loop.time()
+            streaming[self] = None
+            if self.prefix:
+                await self._write(out, self.prefix, usage, scrub)
+            clock = loop.time
+            async for chunk in response.content.iter_any():
+                self.last_chunk = clock()
+                await self._write(out, chunk, usage, scrub)
+            if scrub is not None and (rest := scrub.flush()):
+                self.bytes_out += len(rest)
+                await out.write(rest)
+            await out.write_eof()
+            self.verdict = self._headers_verdict
+        except _STREAM_BROKEN as exc:
+            self.verdict = self._interrupted(exc)
+        finally:
+            streaming.pop(self, None)
+            if started is not None:
+                self.streaming_time = loop.time() - started
+            if self.verdict is DISCONNECTED and self._complete(length_known):
+                self.verdict = self._headers_verdict  # the app had the whole answer, then hung up
+            self.cut_by_app = self.verdict is DISCONNECTED
+        return out
+
+    async def _write(
+        self, out: web.StreamResponse, chunk: bytes, usage: UsageTail | None, scrub: BodyScrubber | EventScrubber | None
+    ) -> None:
+        """One chunk on its way to the app: read for usage, scrubbed of secrets, counted."""
+        if usage is not None:
+            usage.feed(chunk)
+        if scrub is not None:
+            chunk = scrub.feed(chunk)
+        await out.write(chunk)
+        self.bytes_out += len(chunk)
+        self._tail = chunk
+
+    def _complete(self, length_known: bool) -> bool:
+        """Whether the app already has the whole answer: the terminal event, or every byte."""
+        response = self.response
+        if length_known and response.content_length is not None and self.bytes_out >= response.content_length:
+            return True
+        return bool(self._tail) and self.spec.ends_stream(self._tail[-512:])
+
+    def _interrupted(self, exc: BaseException) -> Verdict:
+        """The stream stopped after bytes reached the app: no retry is possible any more."""
+        transport = self.exchange.request.transport
+        if transport is None or transport.is_closing():  # the app went away
+            return DISCONNECTED
+        transport.close()  # an unterminated body tells the app the answer is incomplete
+        return Verdict(Outcome.TIMEOUT if self.idle_expired else _transport_outcome(exc))  # the upstream broke
+
+    def _scrubber(self) -> BodyScrubber | EventScrubber | None:
+        """What redacts echoed secrets on the way to the app: every error body, and the error
+        events of a success stream; other success bodies pass untouched."""
+        response = self.response
+        redact = self.exchange.rt.redact
+        if response.status >= 400:
+            return BodyScrubber(redact)
+        if "event-stream" in response.headers.get("content-type", ""):
+            return EventScrubber(redact)
+        return None
+
+
+def _suspicious(raw_path: str, path: str) -> bool:
+    """Dot segments, backslashes or encoded separators: what could move a path elsewhere."""
+    if "%" not in raw_path and "\\" not in raw_path and "/." not in path:
+        return False  # the usual path: nothing to look at closer
+    lowered = raw_path.lower()
+    segments = path.split("/")
+    return "." in segments or ".." in segments or "\\" in lowered or any(e in lowered for e in _ENCODED_SEPARATORS)
 
 
 def _transport_outcome(exc: BaseException) -> Outcome:
@@ -604,3 +591,4 @@ async def _read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+

@@ -8,19 +8,43 @@ PIECE = 8  # any run of this many characters of a secret counts as a leak
 MASK = b"[redacted]"
 
 
+MAX_LEARNED = 256  # secrets learned at run time (signatures, refreshed tokens), newest kept
+
+
 class Redactor:
     """Replaces every run of PIECE or more characters of any secret with a mask."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        pieces: dict[bytes, int] = {}
-        for secret in secrets:
-            raw = secret.encode()
-            for start in range(0, max(len(raw) - PIECE + 1, 0)):
-                pieces[raw[start : start + PIECE]] = 1
-        self._pieces = tuple(pieces)
+        self._configured = set(secrets)
+        self._learned: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
+        self._counts: dict[bytes, int] = {}  # piece -> how many secrets hold it
+        for secret in self._configured:
+            self._count(secret, 1)
+        self._pieces: tuple[bytes, ...] | None = tuple(self._counts)  # None: to rebuild
+
+    def learn(self, secret: str) -> None:
+        """Mask `secret` too from now on: a value a credential step produced."""
+        if secret in self._configured or secret in self._learned:
+            return
+        self._learned[secret] = None
+        self._count(secret, 1)
+        if len(self._learned) > MAX_LEARNED:
+            oldest = next(iter(self._learned))
+            del self._learned[oldest]
+            self._count(oldest, -1)
+        self._pieces = None
+
+    def _count(self, secret: str, step: int) -> None:
+        counts = self._counts
+        for piece in _pieces(secret):
+            left = counts.get(piece, 0) + step
+            if left > 0:
+                counts[piece] = left
+            else:
+                counts.pop(piece, None)
 
     def __call__(self, data: bytes) -> bytes:
-        if not self._pieces:
+        if not self._counts:
             return data
         return self.mask(data, self.spans(data))
 
@@ -36,8 +60,11 @@ class Redactor:
         return bytes(out)
 
     def spans(self, data: bytes) -> list[tuple[int, int]]:
+        pieces = self._pieces
+        if pieces is None:
+            pieces = self._pieces = tuple(self._counts)
         hits = []
-        for piece in self._pieces:
+        for piece in pieces:
             at = data.find(piece)
             while at != -1:
                 hits.append(at)
@@ -52,6 +79,11 @@ class Redactor:
 
     def text(self, value: str) -> str:
         return self(value.encode()).decode("utf-8", "replace")
+
+
+def _pieces(secret: str) -> set[bytes]:
+    raw = secret.encode()
+    return {raw[start : start + PIECE] for start in range(0, max(len(raw) - PIECE + 1, 0))}
 
 
 class BodyScrubber:

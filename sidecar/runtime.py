@@ -1,4 +1,5 @@
-"""A loaded config made ready to serve: pools, compiled patterns, redactor and routes.
+"""A loaded config made ready to serve: per provider its selector, health record, credential
+step and compiled patterns; the redactor and the routes.
 
 A request runs against the Runtime it started with; a reload builds a new one that adopts the
 health of every key whose provider, name and value are unchanged.
@@ -6,19 +7,20 @@ health of every key whose provider, name and value are unchanged.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
 
 from sidecar.classify import Patterns
 from sidecar.config import Config, ProviderConfig, Route
-from sidecar.health import Backoff, Clock, KeyPool, exponential
-from sidecar.providers import PROVIDERS, ProviderSpec
+from sidecar.health import ALL_MODELS, Clock, LocalHealth
+from sidecar.keys import Key
+from sidecar.providers import APP_CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, PROVIDERS, Credential, ProviderSpec
 from sidecar.redact import Redactor
+from sidecar.selection import RoundRobin
 
-BackoffFactory = Callable[[float, float], Backoff]
+# Bodies are read to classify them and to find usage, so answers come unencoded.
 _IDENTITY = ("Accept-Encoding", "identity")
 
 
@@ -26,51 +28,56 @@ _IDENTITY = ("Accept-Encoding", "identity")
 class Provider:
     config: ProviderConfig
     spec: ProviderSpec
-    pool: KeyPool
+    selector: RoundRobin
+    health: LocalHealth
     patterns: Patterns
-    # What every request with a given key carries, built once: the provider's and the key's
-    # configured headers, the key itself, and identity encoding (bodies are read to classify).
+    credential: Credential
+    # What every request with a given key carries besides its credential, built once: the
+    # provider's and the key's configured headers, and identity encoding.
     key_headers: Mapping[str, tuple[tuple[str, str], ...]]
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def headers_for(self, key: Key, method: str, url: str, body: bytes) -> tuple[tuple[str, str], ...]:
+        """Everything a request made with `key` adds to the app's headers."""
+        return self.key_headers[key.name] + self.credential.headers(key, method, url, body)
+
 
 class Runtime:
-    def __init__(
-        self,
-        config: Config,
-        clock: Clock,
-        backoff: BackoffFactory = exponential,
-        previous: Runtime | None = None,
-    ) -> None:
+    def __init__(self, config: Config, clock: Clock, previous: Runtime | None = None) -> None:
         self.config = config
         self.clock = clock
-        policy = config.health.policy(backoff)
+        self.redact = Redactor(config.secrets())
         self.providers: dict[str, Provider] = {}
         for name, pc in config.providers.items():
-            spec = PROVIDERS[pc.type]
-            pool = KeyPool(name, pc.keys, policy, clock)
-            if previous is not None and name in previous.providers:
-                old = previous.providers[name]
-                before = {(k.name, k.secret) for k in old.config.keys}
-                unchanged = {k.name for k in pc.keys if (k.name, k.secret) in before}
-                pool.adopt(old.pool, unchanged)
-            key_headers = {
-                key.name: (*pc.headers, *key.headers, (spec.auth_header, spec.auth_value(key.secret)), _IDENTITY)
-                for key in pc.keys
-            }
-            self.providers[name] = Provider(pc, spec, pool, Patterns(pc.patterns), key_headers)
+            self.providers[name] = self._provider(pc, previous.providers.get(name) if previous else None)
         self.routes: tuple[tuple[Route, tuple[Provider, ...]], ...] = tuple(
             (route, tuple(self.providers[n] for n in route.providers)) for route in config.routes
         )
-        self.redact = Redactor(config.secrets())
         timeouts = config.timeouts
         self.client_timeout = aiohttp.ClientTimeout(
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.response_headers
         )
         self.known_models = {m for pc in config.providers.values() for k in pc.keys for m in k.models or ()}
+        # The app's request headers never forwarded: hop-by-hop, its credentials, its encoding
+        # wishes (bodies are read) and the sidecar's own token.
+        own = {"accept-encoding", config.security.inbound_header}
+        self.drop_headers = HOP_BY_HOP_HEADERS | APP_CREDENTIAL_HEADERS | own
+
+    def _provider(self, pc: ProviderConfig, old: Provider | None) -> Provider:
+        spec = PROVIDERS[pc.type]
+        settings = self.config.health
+        health = LocalHealth([key.name for key in pc.keys], settings, self.clock)
+        selector = RoundRobin(pc.keys, health, settings.max_models)
+        if old is not None:
+            before = {(k.name, k.secret) for k in old.config.keys}
+            health.adopt(old.health, {k.name for k in pc.keys if (k.name, k.secret) in before})
+            selector.adopt(old.selector)
+        key_headers = {key.name: (*pc.headers, *key.headers, _IDENTITY) for key in pc.keys}
+        credential = spec.credential(pc.keys, self.redact.learn)
+        return Provider(pc, spec, selector, health, Patterns(pc.patterns), credential, key_headers)
 
     def route_for(self, path: str) -> tuple[Route, tuple[Provider, ...]] | None:
         for route, providers in self.routes:
@@ -82,10 +89,6 @@ class Runtime:
         """Keys not disabled for every model: readiness needs at least one."""
         count = 0
         for provider in self.providers.values():
-            disabled = {s.key for s in provider.pool.statuses() if s.model is None and s.until is not None}
+            disabled = {s.key for s in provider.health.statuses() if s.scope is ALL_MODELS and s.until is not None}
             count += len(provider.config.keys) - len(disabled)
         return count
-
-
-def retry_after_header(seconds: float) -> str:
-    return str(max(1, math.ceil(seconds)))

@@ -11,24 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp_retry import ExponentialRetry
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
+from sidecar.accesslog import AccessLog
 from sidecar.config import Config, ConfigError, load_config
-from sidecar.health import Backoff
 from sidecar.logs import setup_logging
-from sidecar.metrics import KEY_WIDE_LABEL, Metrics
+from sidecar.metrics import Metrics, scope_label
 from sidecar.proxy import Proxy
 from sidecar.runtime import Runtime
 
 log = logging.getLogger("keymux")
-
-
-def retry_backoff(base: float, cap: float) -> Backoff:
-    """Cooldown schedules come from aiohttp-retry's exponential policy: base x 2^n, capped."""
-    policy = ExponentialRetry(attempts=1, start_timeout=base, max_timeout=cap, factor=2.0)
-    return lambda n: policy.get_timeout(min(n, 30))
 
 
 def read_text(path: str) -> str:
@@ -53,14 +46,17 @@ class Sidecar:
         config_text: Callable[[], str] | None = None,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        access: AccessLog | None = None,
     ) -> None:
         self.clock = clock
         self.env = dict(env or {})
         self.config_text = config_text  # how to read the config again on reload
         self.metrics = Metrics(config.metrics.max_models)
-        self.proxy = Proxy(Runtime(config, clock, retry_backoff), self.metrics)
+        self.access = access or AccessLog()
+        self.access.enabled = _access_enabled(config)
+        self.proxy = Proxy(Runtime(config, clock), self.metrics, self.access)
         self.metrics.models.known |= self.proxy.runtime.known_models
-        self.metrics.watch_pools(lambda: [p.pool for p in self.proxy.runtime.providers.values()])
+        self.metrics.watch_health(lambda: [(p.name, p.health) for p in self.proxy.runtime.providers.values()])
         self.draining = False
         self.admin = self._admin_app()
         self._runners: dict[str, web.BaseRunner] = {}
@@ -85,7 +81,7 @@ class Sidecar:
         while True:
             await asyncio.sleep(60)
             for provider in self.runtime.providers.values():
-                provider.pool.sweep()
+                provider.health.sweep()
 
     # -- admin endpoints -------------------------------------------------------------------
 
@@ -112,13 +108,13 @@ class Sidecar:
         now_mono, now_wall = self.clock(), time.time()
         rows = []
         for provider in self.runtime.providers.values():
-            for status in provider.pool.statuses():
+            for status in provider.health.statuses():
                 until = None if status.until is None else now_wall + (status.until - now_mono)
                 rows.append(
                     {
                         "provider": provider.name,
                         "key": status.key,
-                        "model": KEY_WIDE_LABEL if status.model is None else status.model,
+                        "model": scope_label(status),
                         "state": status.state.value,
                         "until": None if until is None else _iso(until),
                         "consecutive_failures": status.failures,
@@ -154,9 +150,7 @@ class Sidecar:
 
     def port(self, name: str) -> int:
         """The bound port of a listener (for port 0 in tests)."""
-        server = self._sites[name]._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return int(self._runners[name].addresses[0][1])
 
     async def drain(self) -> None:
         """Graceful stop: unready at once, accept for drain_delay, finish in-flight work.
@@ -209,7 +203,7 @@ class Sidecar:
             if raw is None:
                 return False
             config = load_config(raw, self.env, read_text)
-            runtime = Runtime(config, self.clock, retry_backoff, previous=self.runtime)
+            runtime = Runtime(config, self.clock, previous=self.runtime)
         except Exception as exc:  # a bad file must never stop the old config serving
             self.metrics.reloads("failure").inc()
             reason = str(exc) if isinstance(exc, ConfigError | OSError) else f"{type(exc).__name__}: {exc}"
@@ -221,6 +215,7 @@ class Sidecar:
         self.metrics.reloads("success").inc()
         if config.log_level != old.log_level:
             logging.getLogger().setLevel(config.log_level.upper())
+            self.access.enabled = _access_enabled(config)
         for field in RESTART_ONLY:
             if getattr(config, field) != getattr(old, field):
                 log.warning("this change needs a restart; the old value stays", extra={"fields": {"field": field}})
@@ -247,6 +242,11 @@ def key_changes(old: Config, new: Config) -> dict[str, list[str]]:
         "keys_removed": sorted(before.keys() - after.keys()),
         "keys_changed": sorted(name for name in before.keys() & after.keys() if before[name] != after[name]),
     }
+
+
+def _access_enabled(config: Config) -> bool:
+    """One access line per request at `info` and `debug`."""
+    return config.log_level in ("debug", "info")
 
 
 def _where(site: web.TCPSite) -> str:

@@ -32,7 +32,7 @@ def main(path: str) -> int:
                 "tasks": len(asyncio.all_tasks()),
                 "fds": open_fds(),
                 "app_port": sidecar.port("app"),
-                "entries": sum(p.pool.entry_count() for p in sidecar.runtime.providers.values()),
+                "entries": sum(p.health.entry_count() for p in sidecar.runtime.providers.values()),
                 **keymux_busy(sidecar),
             }
         )

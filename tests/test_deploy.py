@@ -419,7 +419,8 @@ def test_the_image_build_steps_install_a_keymux_that_checks_the_manifest_config_
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean,
     )  # fmt: skip
     names = {re.sub(r"[-_.]+", "-", p["name"]).lower() for p in json.loads(installed.stdout)}
-    assert {"keymux", "aiohttp", "aiohttp-retry", "prometheus-client", "pyyaml"} <= names
+    assert {"keymux", "aiohttp", "prometheus-client", "pyyaml"} <= names
+    assert "aiohttp-retry" not in names  # the cooldown schedule is the core's own (README: why no aiohttp-retry)
     assert not names & {"pytest", "openai", "anthropic", "hypothesis", "ruff", "uvloop"}  # no extras
 
     entrypoint = [image.final.entrypoint[0].replace(build.env["VENV"], str(venv)), *image.final.entrypoint[1:]]

@@ -239,8 +239,8 @@ async def test_a_429_cools_the_key_for_a_sane_time_whatever_its_retry_after_says
     first, second = await completion(stack), await completion(stack)
     assert (first.status, second.status) == (200, 200)
     assert stack.provider.keys_seen() == [KEY_A, KEY_B, KEY_B]  # a rests, b serves
-    pool = stack.sidecar.runtime.providers["openai"].pool
-    cooling = [(s.key, s.model, s.state.value, s.until) for s in pool.statuses() if s.until is not None]
+    health = stack.sidecar.runtime.providers["openai"].health
+    cooling = [(s.key, s.scope, s.state.value, s.until) for s in health.statuses() if s.until is not None]
     assert cooling == [("a", "gpt-4o", "cooling", NOW + cooldown)]
     end = await stack.finish()
     assert end.state() == CLEAN

@@ -7,8 +7,10 @@ from collections import Counter
 import pytest
 
 from sidecar.classify import Verdict
-from sidecar.health import HealthPolicy, Key, KeyPool, KeyState, exponential
+from sidecar.health import ALL_MODELS, HealthSettings, KeyState, backoff
+from sidecar.keys import Key
 from sidecar.outcome import Outcome
+from tests.pools import Pool
 
 
 class Clock:
@@ -22,13 +24,13 @@ class Clock:
         self.now += seconds
 
 
-def make_pool(names=("a", "b", "c"), policy: HealthPolicy | None = None, models=None):
+def make_pool(names=("a", "b", "c"), policy: HealthSettings | None = None, models=None):
     clock = Clock()
     keys = [Key(n, f"secret-{n}-0000", (models or {}).get(n)) for n in names]
-    return KeyPool("openai", keys, policy or HealthPolicy(), clock), clock
+    return Pool(keys, policy or HealthSettings(), clock), clock
 
 
-def chosen(pool: KeyPool, model: str, n: int) -> Counter[str]:
+def chosen(pool: Pool, model: str, n: int) -> Counter[str]:
     picks: Counter[str] = Counter()
     for _ in range(n):
         key = pool.choose(model)
@@ -70,7 +72,7 @@ def test_a_key_rate_limited_for_one_model_keeps_serving_others():
 
 
 def test_retry_after_is_capped_by_policy():
-    pool, clock = make_pool(("a",), HealthPolicy(rate_limit_max=100))
+    pool, clock = make_pool(("a",), HealthSettings(rate_limit_cooldown_max=100))
     pool.record("a", "m", Verdict(Outcome.RATE_LIMITED, retry_after=365 * 86400))
     clock.advance(99.9)
     assert pool.choose("m") is None
@@ -79,7 +81,7 @@ def test_retry_after_is_capped_by_policy():
 
 
 def test_rate_limit_without_hint_uses_the_default_and_doubles():
-    pool, clock = make_pool(("a",), HealthPolicy(rate_limit_backoff=exponential(30, 600)))
+    pool, clock = make_pool(("a",), HealthSettings(rate_limit_cooldown=30, rate_limit_cooldown_max=600))
     pool.record("a", "m", Verdict(Outcome.RATE_LIMITED))
     clock.advance(29)
     assert pool.choose("m") is None
@@ -97,12 +99,12 @@ def test_credential_failure_disables_the_key_for_every_model():
     pool.record("a", "gemini-pro", CREDENTIAL)
     assert chosen(pool, "gemini-pro", 3) == {"b": 3}
     assert chosen(pool, "gemini-flash", 3) == {"b": 3}
-    rows = {(s.key, s.model): s.state for s in pool.statuses()}
-    assert rows[("a", None)] is KeyState.DISABLED
+    rows = {(s.key, s.scope): s.state for s in pool.statuses()}
+    assert rows[("a", ALL_MODELS)] is KeyState.DISABLED
 
 
 def test_credential_cooldown_doubles_then_half_open_probe_reenables():
-    pool, clock = make_pool(("a",), HealthPolicy(credential_backoff=exponential(600, 6 * 3600)))
+    pool, clock = make_pool(("a",), HealthSettings(credential_cooldown=600, credential_cooldown_max=6 * 3600))
     pool.record("a", "m", CREDENTIAL)
     clock.advance(599)
     assert pool.choose("m") is None
@@ -119,16 +121,23 @@ def test_credential_cooldown_doubles_then_half_open_probe_reenables():
     assert pool.entry_count() == 0
 
 
-def test_credential_cooldown_is_capped():
-    pool, clock = make_pool(("a",), HealthPolicy(credential_backoff=exponential(600, 3600)))
-    for _ in range(10):
-        pool.record("a", "m", CREDENTIAL)
-        clock.advance(3600)
-        assert pool.choose("m").name == "a"
+def test_credential_cooldown_doubles_up_to_its_cap_and_no_further():
+    pool, clock = make_pool(("a",), HealthSettings(credential_cooldown=600, credential_cooldown_max=3600))
+    for rest in (600, 1200, 2400, 3600, 3600, 3600):
+        pool.record("a", "m", CREDENTIAL)  # the half-open probe failed again
+        clock.advance(rest - 1)
+        assert pool.choose("m") is None  # resting for exactly `rest` seconds ...
+        clock.advance(1)
+        assert pool.choose("m").name == "a"  # ... then probed
+
+
+def test_one_backoff_schedule_doubles_and_caps():
+    assert [backoff(30, 600, n) for n in range(7)] == [30, 60, 120, 240, 480, 600, 600]
+    assert backoff(30, 600, 10_000) == 600  # no overflow however long the streak
 
 
 def test_transient_failures_cool_at_the_threshold_with_backoff():
-    pool, clock = make_pool(("a", "b"), HealthPolicy(failure_threshold=3, failure_backoff=exponential(30, 600)))
+    pool, clock = make_pool(("a", "b"), HealthSettings(failure_threshold=3, failure_cooldown=30, failure_cooldown_max=600))
     pool.record("a", "m", SERVER)
     pool.record("a", "m", Verdict(Outcome.TIMEOUT))
     assert pool.choose("m", exclude={"b"}).name == "a"  # two failures: still usable
@@ -145,7 +154,7 @@ def test_transient_failures_cool_at_the_threshold_with_backoff():
 
 
 def test_a_success_resets_the_consecutive_count():
-    pool, _ = make_pool(("a",), HealthPolicy(failure_threshold=3))
+    pool, _ = make_pool(("a",), HealthSettings(failure_threshold=3))
     for _ in range(5):
         pool.record("a", "m", SERVER)
         pool.record("a", "m", SERVER)
@@ -161,7 +170,7 @@ def test_permission_error_cools_only_that_model():
 
 
 def test_quota_exhaustion_rests_the_whole_key():
-    pool, clock = make_pool(("a", "b"), HealthPolicy(quota_cooldown=1800))
+    pool, clock = make_pool(("a", "b"), HealthSettings(quota_cooldown=1800))
     pool.record("a", "gpt-4o", Verdict(Outcome.RATE_LIMITED, key_wide=True))
     assert chosen(pool, "gpt-4o-mini", 2) == {"b": 2}
     clock.advance(1800)
@@ -180,13 +189,13 @@ def test_neutral_outcomes_free_the_probe_without_penalty(outcome):
 
 
 def test_provider_wide_failure_does_not_penalise_the_key():
-    pool, _ = make_pool(("a",), HealthPolicy(failure_threshold=1))
+    pool, _ = make_pool(("a",), HealthSettings(failure_threshold=1))
     pool.record("a", "m", Verdict(Outcome.UPSTREAM_ERROR, provider_wide=True))
     assert pool.choose("m").name == "a"
 
 
 def test_a_probe_never_reported_frees_its_slot_after_the_probe_timeout():
-    pool, clock = make_pool(("a",), HealthPolicy(probe_timeout=60))
+    pool, clock = make_pool(("a",), HealthSettings(probe_timeout=60))
     pool.record("a", "m", CREDENTIAL)
     clock.advance(600)
     assert pool.choose("m").name == "a"
@@ -215,11 +224,11 @@ def test_a_concurrent_success_does_not_end_a_newer_cooldown():
 
 
 def test_tracked_models_are_capped_and_idle_entries_expire():
-    pool, clock = make_pool(("a",), HealthPolicy(max_models=50, idle_expiry=3600))
+    pool, clock = make_pool(("a",), HealthSettings(max_models=50, idle_expiry=3600))
     for i in range(10_000):
         pool.choose(f"model-{i}")
         pool.record("a", f"model-{i}", Verdict(Outcome.PERMISSION_ERROR))
-    assert len(pool._cursors) == 50
+    assert len(pool.selector._cursors) == 50
     assert pool.entry_count() <= 50
     clock.advance(3600 * 3)
     pool.sweep()
@@ -230,7 +239,7 @@ def test_adopt_keeps_health_for_unchanged_keys_only():
     old, clock = make_pool(("a", "b"))
     old.record("a", "m", Verdict(Outcome.RATE_LIMITED, retry_after=100))
     old.record("b", "m", Verdict(Outcome.RATE_LIMITED, retry_after=100))
-    new = KeyPool("openai", [Key("a", "secret-a-0000"), Key("b", "rotated")], HealthPolicy(), clock)
+    new = Pool([Key("a", "secret-a-0000"), Key("b", "rotated")], HealthSettings(), clock)
     new.adopt(old, unchanged={"a"})
     assert new.choose("m").name == "b"
     assert new.choose("m").name == "b"

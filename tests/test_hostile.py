@@ -200,7 +200,7 @@ async def test_a_10_kb_model_name_is_forwarded_whole_and_kept_out_of_metrics_and
         for page in ("/metrics", "/keys"):
             async with admin.get(h.stack.admin + page) as response:
                 assert model not in await response.text()
-    assert h.stack.sidecar.runtime.providers["openai"].pool.entry_count() == 0
+    assert h.stack.sidecar.runtime.providers["openai"].health.entry_count() == 0
     assert h.untouched() == UNTOUCHED
     await _finish_clean(h)
 

@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 
 from sidecar import __version__
-from sidecar.logs import JsonFormatter, setup_logging
+from sidecar.accesslog import AccessLog
+from sidecar.logs import JsonFormatter
 from sidecar.redact import PIECE
 from sidecar.usage import UsageTail
 from tests.conftest import FakeServer, Running, StartKeymux, openai_config
@@ -550,16 +551,28 @@ async def test_reloads_are_counted_and_a_removed_key_leaves_no_series(fake: Fake
 
 
 class Lines(logging.Handler):
+    """Every log line of a keymux: logging's through its formatter, and its access log's."""
+
     def __init__(self, formatter: logging.Formatter) -> None:
         super().__init__(logging.DEBUG)
         self.setFormatter(formatter)
         self.stream = io.StringIO()
+        self.access_bytes = bytearray()
+        self.access = AccessLog(write=self._write_access)
+
+    def _write_access(self, data: bytes) -> int:
+        self.access_bytes += data
+        return len(data)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream.write(self.format(record) + "\n")
 
+    def text(self) -> str:
+        self.access.flush()
+        return self.stream.getvalue() + self.access_bytes.decode()
+
     def records(self, logger: str) -> list[dict[str, Any]]:
-        parsed = [json.loads(line) for line in self.stream.getvalue().splitlines()]
+        parsed = [json.loads(line) for line in self.text().splitlines()]
         return [line for line in parsed if line["logger"] == logger]
 
 
@@ -572,6 +585,8 @@ def keymux_log() -> Callable[[Running], Lines]:
 
     def attach(km: Running) -> Lines:
         handler = Lines(JsonFormatter(km.sidecar.runtime.redact.text))
+        handler.access.enabled = km.sidecar.access.enabled
+        km.sidecar.access = km.sidecar.proxy.access = handler.access
         handlers.append(handler)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -614,7 +629,7 @@ async def test_one_access_line_per_request_with_names_and_numbers_only(
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", timing["time"])
         assert isinstance(timing["ttfb_ms"], float) and isinstance(timing["duration_ms"], float)
     assert second[0] == 400 and leaked(second[1].decode()) == []  # the echoed key is redacted
-    assert leaked(log.stream.getvalue()) == []
+    assert leaked(log.text()) == []
 
 
 async def test_other_log_lines_quoting_a_secret_are_redacted(
@@ -627,28 +642,26 @@ async def test_other_log_lines_quoting_a_secret_are_redacted(
 
     [line] = log.records("keymux")
     assert line["msg"] == "upstream said: Incorrect API key provided: [redacted]"
-    assert leaked(log.stream.getvalue()) == []
+    assert leaked(log.text()) == []
 
 
 async def test_the_log_level_decides_whether_access_lines_are_written(
-    fake: FakeServer, keymux: StartKeymux, capsys: pytest.CaptureFixture[str]
+    fake: FakeServer, keymux: StartKeymux, keymux_log: Callable[[Running], Lines]
 ) -> None:
-    km = await keymux(two_keys(fake))
-    root, aiohttp_access = logging.getLogger(), logging.getLogger("aiohttp.access")
-    saved = root.handlers[:], root.level, aiohttp_access.disabled
+    km = await keymux("log_level: warning\n" + two_keys(fake))
+    log = keymux_log(km)
+    root_level = logging.getLogger().level
     try:
-        setup_logging("warning", km.sidecar.runtime.redact.text)
         await chat(km, "quiet-model")
-        await settle(km)
-        setup_logging("info", km.sidecar.runtime.redact.text)
+        assert km.sidecar.reload("log_level: info\n" + two_keys(fake))
         await chat(km, "loud-model")
+        assert km.sidecar.reload("log_level: error\n" + two_keys(fake))
+        await chat(km, "quiet-again")
         await settle(km)
     finally:
-        root.handlers[:], aiohttp_access.disabled = saved[0], saved[2]
-        root.setLevel(saved[1])
+        logging.getLogger().setLevel(root_level)
 
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert [(line["logger"], line["model"]) for line in lines] == [("keymux.access", "loud-model")]
+    assert [line["model"] for line in log.records("keymux.access")] == ["loud-model"]
 
 
 async def test_the_admin_listener_never_forwards_upstream(fake: FakeServer, keymux: StartKeymux) -> None:

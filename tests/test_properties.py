@@ -1,6 +1,6 @@
 """Properties of the health policy, over the pure core (sidecar/health.py) with a fake clock.
 
-Each test drives a KeyPool through sequences of operations as the proxy does: a request picks a
+Each test drives a Pool through sequences of operations as the proxy does: a request picks a
 key (`choose`), and reports its verdict later (`record`), with other requests, clock steps and
 sweeps in between.
 """
@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.classify import Verdict
-from sidecar.health import HealthPolicy, Key, KeyPool, exponential
+from sidecar.health import HealthSettings
+from sidecar.keys import Key
 from sidecar.outcome import Outcome
+from tests.pools import Pool
 
 # Derandomized, so a run fails or passes the same way every time; no example database on disk.
 PROPERTY = settings(
@@ -27,13 +29,12 @@ PROPERTY = settings(
 )
 
 KEY_NAMES = ("k0", "k1", "k2", "k3")
-POLICY = HealthPolicy(
+POLICY = HealthSettings(
     failure_threshold=2,
-    failure_backoff=exponential(10.0, 80.0),
-    credential_backoff=exponential(100.0, 800.0),
-    model_backoff=exponential(50.0, 400.0),
-    rate_limit_backoff=exponential(5.0, 40.0),
-    rate_limit_max=60.0,
+    failure_cooldown=10.0, failure_cooldown_max=80.0,
+    credential_cooldown=100.0, credential_cooldown_max=800.0,
+    model_cooldown=50.0, model_cooldown_max=400.0,
+    rate_limit_cooldown=5.0, rate_limit_cooldown_max=60.0,
     quota_cooldown=300.0,
     probe_timeout=30.0,
     idle_expiry=120.0,
@@ -70,27 +71,27 @@ class Clock:
         return self.now
 
 
-def pool_of(keys: list[Key], policy: HealthPolicy = POLICY) -> tuple[KeyPool, Clock]:
+def pool_of(keys: list[Key], policy: HealthSettings = POLICY) -> tuple[Pool, Clock]:
     clock = Clock()
-    return KeyPool("openai", keys, policy, clock), clock
+    return Pool(keys, policy, clock), clock
 
 
 def plain_keys(count: int = len(KEY_NAMES)) -> list[Key]:
     return [Key(name, f"secret-{name}-0000") for name in KEY_NAMES[:count]]
 
 
-def least_rest(verdict: Verdict, policy: HealthPolicy) -> float:
+def least_rest(verdict: Verdict, policy: HealthSettings) -> float:
     """The shortest rest a verdict can impose (0 for those that impose none by themselves)."""
     outcome = verdict.outcome
     if outcome is Outcome.CREDENTIAL_ERROR:
-        return policy.credential_backoff(0)
+        return policy.credential_cooldown
     if outcome is Outcome.RATE_LIMITED and verdict.key_wide:
         return policy.quota_cooldown
     if outcome is Outcome.RATE_LIMITED:
         asked = verdict.retry_after
-        return min(asked, policy.rate_limit_max) if asked else policy.rate_limit_backoff(0)
+        return min(asked, policy.rate_limit_cooldown_max) if asked else policy.rate_limit_cooldown
     if outcome is Outcome.PERMISSION_ERROR:
-        return policy.model_backoff(0)
+        return policy.model_cooldown
     return 0.0
 
 
@@ -134,7 +135,7 @@ operations = st.lists(
 class Run:
     """Plays operations on a pool, keeping every pick and every verdict with when it happened."""
 
-    pool: KeyPool
+    pool: Pool
     clock: Clock
     failing_model: str | None = None  # when set, every other model's verdicts are successes
     pending: list[tuple[str, str]] = field(default_factory=list)  # (key, model) picked, not yet finished
@@ -169,7 +170,7 @@ def picked_while_resting(run: Run, *, key_wide_only: bool = False) -> list[tuple
             if rec_key != key or picks_before > index or (key_wide_only and not verdict.key_wide):
                 continue
             applies = verdict.key_wide or rec_model == model
-            if applies and at < when + least_rest(verdict, run.pool.policy):
+            if applies and at < when + least_rest(verdict, run.pool.health.settings):
                 wrong.append((at, model, key))
     return wrong
 
@@ -331,6 +332,6 @@ def test_state_stays_bounded_whatever_model_names_arrive(
             key_name, model = in_flight.pop(0)
             pool.record(key_name, model, verdicts[i % len(verdicts)])
         worst_entries = max(worst_entries, pool.entry_count())
-        worst_cursors = max(worst_cursors, len(pool._cursors))
+        worst_cursors = max(worst_cursors, len(pool.selector._cursors))
     assert worst_cursors <= POLICY.max_models
     assert worst_entries <= len(KEY_NAMES) * (POLICY.max_models + 1)

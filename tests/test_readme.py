@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sidecar.config import HealthConfig
+from sidecar.health import HealthSettings
 from sidecar.outcome import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,6 @@ def test_failure_table_names_every_outcome():
 
 
 def test_health_defaults_in_the_readme_match_the_code():
-    defaults = HealthConfig()
+    defaults = HealthSettings()
     for field in defaults.__dataclass_fields__:
         assert f"`health.{field}`" in README, field

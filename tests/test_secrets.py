@@ -15,6 +15,7 @@ import aiohttp
 import openai
 import pytest
 
+from sidecar.accesslog import AccessLog
 from sidecar.config import load_config
 from sidecar.logs import JsonFormatter
 from sidecar.redact import PIECE
@@ -82,10 +83,22 @@ class LogLines(logging.Handler):
         super().__init__(logging.DEBUG)
         runtime = lambda: stack.sidecar.runtime  # noqa: E731 (the runtime changes on reload)
         self.setFormatter(JsonFormatter(lambda text: runtime().redact.text(text)))
-        self.lines: list[str] = []
+        self._lines: list[str] = []
+        # The access log writes its own lines, past logging: capture those too.
+        self.access = AccessLog(write=self._write_access)
+        stack.sidecar.access = stack.sidecar.proxy.access = self.access
+
+    def _write_access(self, data: bytes) -> int:
+        self._lines.extend(data.decode().splitlines())
+        return len(data)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+        self._lines.append(self.format(record))
+
+    @property
+    def lines(self) -> list[str]:
+        self.access.flush()
+        return self._lines
 
 
 StartStack = Callable[..., Awaitable[tuple[Stack, LogLines]]]

@@ -1,0 +1,216 @@
+"""The attempt plan of one app request: pure, fed by the proxy like h11's Connection.
+
+The proxy asks `next()` for the next (provider, key) to try, makes the attempt, and hands the
+attempt its final verdict once, when it is over (after the last byte of a stream, or its
+failure). The plan decides everything else: which key comes next, when the attempt and time
+budgets stop the request, what a failure means for the route (next key, next provider, give
+up), and what the app gets when nothing could serve it. It does no I/O and reads time only
+through the injected clock.
+
+`Attempt.finish` is the one place an attempt's verdict is written: the health record, the
+provider's end-to-end outcome and the observer (metrics) all learn it there, once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sidecar.classify import Verdict
+from sidecar.config import RetryConfig
+from sidecar.health import ALL_MODELS, Clock, HealthStore, KeyStatus
+from sidecar.keys import Key
+from sidecar.outcome import Outcome
+
+
+class Selector(Protocol):
+    keys: tuple[Key, ...]
+
+    def choose(self, model: str, exclude: frozenset[str] | set[str] = ...) -> Key | None: ...
+
+
+class Upstream(Protocol):
+    """A provider as the plan sees it: a name, a key selector and a health record."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def selector(self) -> Selector: ...
+
+    @property
+    def health(self) -> HealthStore: ...
+
+
+class Observer(Protocol):
+    """Who is told what the plan decided (the shell's metrics). Never consulted."""
+
+    def attempt_finished(self, attempt: Attempt) -> None: ...
+
+    def key_retry(self, provider: str, reason: Outcome) -> None: ...
+
+    def fallback(self, from_provider: str, to_provider: str) -> None: ...
+
+
+class AttemptFinishedTwice(RuntimeError):
+    """A bug in the shell: an attempt's verdict is written once."""
+
+
+class Attempt:
+    """One upstream attempt: a (provider, key) for a model, open until its verdict is final."""
+
+    __slots__ = ("_plan", "key", "model", "provider", "verdict")
+
+    def __init__(self, plan: Plan, provider: Upstream, key: Key, model: str) -> None:
+        self._plan = plan
+        self.provider = provider
+        self.key = key
+        self.model = model
+        self.verdict: Verdict | None = None  # the final verdict, once finished
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider.name}/{self.key.name}"
+
+    def finish(self, verdict: Verdict) -> None:
+        """The attempt is over: record its final verdict, once."""
+        if self.verdict is not None:
+            raise AttemptFinishedTwice(f"{self.label} finished as {self.verdict.outcome} and then {verdict.outcome}")
+        self.verdict = verdict
+        self._plan._finished(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAnswer:
+    """An answer keymux gives itself, when no upstream answer can be forwarded."""
+
+    status: int
+    code: str
+    message: str
+    outcome: Outcome
+    retry_after: float | None = None  # seconds
+
+    @property
+    def retry_after_header(self) -> str | None:
+        return None if self.retry_after is None else str(max(1, math.ceil(self.retry_after)))
+
+
+_GATEWAY_STATUS = {Outcome.TIMEOUT: 504, Outcome.CONNECTION_ERROR: 502}
+
+
+class Plan:
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        model_for: Callable[[Upstream], str],
+        retry: RetryConfig,
+        clock: Clock,
+        observer: Observer,
+    ) -> None:
+        self.upstreams = tuple(upstreams)
+        self.model_for = model_for
+        self.retry = retry
+        self.clock = clock
+        self.observer = observer
+        self.started = clock()
+        self.attempts: list[Attempt] = []
+        self.provider_outcomes: dict[str, Outcome] = {}  # each provider's end-to-end result
+        self._tried: dict[str, set[str]] = {}
+        self._done: set[str] = set()  # providers with nothing left to try
+
+    @property
+    def last(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def keys_tried(self) -> list[str]:
+        return [attempt.label for attempt in self.attempts]
+
+    def next(self) -> Attempt | None:
+        """The next attempt, or None when the budgets or the keys are spent.
+
+        Call it first, then after each failed attempt has finished with a retryable verdict.
+        """
+        failed = self.last
+        if failed is not None and (failed.verdict is None or not failed.verdict.outcome.retryable):
+            raise ValueError("next() follows a finished, retryable attempt")
+        retry = self.retry
+        if len(self.attempts) >= retry.max_attempts or self.clock() - self.started >= retry.budget:
+            return None
+        previous = None
+        if failed is not None:
+            previous = failed.provider
+            if failed.verdict is not None and failed.verdict.provider_wide:
+                self._done.add(previous.name)
+        for upstream in self.upstreams:
+            if upstream.name in self._done:
+                continue
+            model = self.model_for(upstream)
+            tried = self._tried.setdefault(upstream.name, set())
+            key = upstream.selector.choose(model, tried)
+            if key is None:
+                self._done.add(upstream.name)
+                self.provider_outcomes.setdefault(upstream.name, Outcome.NO_KEY_AVAILABLE)
+                previous = upstream
+                continue
+            if previous is not None and previous is not upstream:
+                self.observer.fallback(previous.name, upstream.name)
+            elif failed is not None and failed.verdict is not None:
+                self.observer.key_retry(upstream.name, failed.verdict.outcome)
+            tried.add(key.name)
+            attempt = Attempt(self, upstream, key, model)
+            self.attempts.append(attempt)
+            return attempt
+        return None
+
+    def _finished(self, attempt: Attempt) -> None:
+        verdict = attempt.verdict
+        assert verdict is not None
+        attempt.provider.health.record(attempt.key.name, attempt.model, verdict)
+        self.provider_outcomes[attempt.provider.name] = verdict.outcome
+        self.observer.attempt_finished(attempt)
+
+    # -- what the app gets when no upstream answer can be forwarded ------------------------
+
+    def exhausted(self) -> LocalAnswer:
+        """Every attempt failed without an answer to forward (timeouts, connection errors)."""
+        last = self.last
+        outcome = last.verdict.outcome if last is not None and last.verdict is not None else Outcome.CONNECTION_ERROR
+        tried = ", ".join(self.keys_tried)
+        message = f"keymux: every attempt failed ({outcome.value}); tried {tried}"
+        return LocalAnswer(_GATEWAY_STATUS.get(outcome, 502), outcome.value, message, outcome)
+
+    def no_key(self) -> LocalAnswer:
+        """No key could take the request at all: 503, or 429 when every one is only rate-limited."""
+        now = self.clock()
+        model = ""
+        blocked: list[tuple[str, KeyStatus]] = []
+        for upstream in self.upstreams:
+            wanted = self.model_for(upstream)
+            model = model or wanted
+            for key in upstream.selector.keys:
+                if key.allows(wanted) and (status := upstream.health.blocker(key.name, wanted)) is not None:
+                    blocked.append((upstream.name, status))
+        parts = [_describe(provider, status, now) for provider, status in blocked]
+        if not parts:
+            detail = f"no configured key is allowed to serve model '{model}'" if model else "no keys are configured"
+        else:
+            detail = f"no key can serve model '{model}' right now: " + "; ".join(parts)
+        waits = [status.until - now for _, status in blocked if status.until is not None]
+        limited = bool(blocked) and all(s.last_outcome is Outcome.RATE_LIMITED for _, s in blocked)
+        return LocalAnswer(
+            429 if limited else 503,
+            "no_key_available",
+            f"keymux: {detail}",
+            Outcome.NO_KEY_AVAILABLE,
+            min(waits) if waits else None,
+        )
+
+
+def _describe(provider: str, status: KeyStatus, now: float) -> str:
+    scope = "every model" if status.scope is ALL_MODELS else f"model '{status.scope}'"
+    why = f" after {status.last_outcome.value}" if status.last_outcome else ""
+    until = f" for {max(status.until - now, 0):.0f} s" if status.until is not None else " (probe in flight)"
+    return f"{provider}/{status.key} {status.state.value} for {scope}{why}{until}"
