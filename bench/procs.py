@@ -121,6 +121,13 @@ class Server:
             pass
         raise BenchError(f"{self.name} exited with {self.popen.poll()}:\n{self.log_tail()}")
 
+    def log_count(self, marker: bytes) -> int:
+        """How many times `marker` occurs in everything the server wrote so far."""
+        try:
+            return self.log.read_bytes().count(marker)
+        except OSError:
+            return 0
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

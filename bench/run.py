@@ -2,7 +2,9 @@
 
 Scenarios follow issue 5. Every figure is measured against three targets on loopback:
 direct (the fake provider itself), bare (bench/passthrough.py in front of it) and keymux
-(in front of it, with 3 providers of 4 keys each and metrics on).
+(in front of it, with 3 providers of 4 keys each and metrics on, in the default config: the
+access log on). A fourth, keymux-quiet, is the same keymux with log_level: warning; it joins
+scenarios 1 and 2 to show what the access log costs.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ MODEL = "gpt-4o-mini"
 MAX_MODELS = 100  # keymux's metrics.max_models in the bench config
 BIG_BODY = 200 * 1024
 MB = 1024 * 1024
+KEYMUX, QUIET = "keymux", "keymux-quiet"
+ACCESS_LINE = b'"keymux.access"'  # the logger name, in each JSON access line keymux writes
 
 
 @dataclass(frozen=True)
 class Sizes:
-    rounds: int  # scenarios 1-3 run in interleaved rounds (direct, bare, keymux, direct, ...)
+    rounds: int  # scenarios 1-4 run in interleaved rounds (direct, bare, keymux, direct, ...)
     latency_seconds: int  # per round, scenarios 1 and 3, one connection each
     throughput_seconds: int  # per round, scenario 2
     connections: int  # scenario 2
@@ -59,6 +63,8 @@ class Sizes:
 # machine saturates, events coalesce into bigger chunks and CPU per event stops comparing
 # like with like.) The 500 starts are spread over 2 s so that time to first byte measures a
 # proxy under load, not the fake provider's queue after a burst of 500 requests at once.
+# Scenario 4 runs in rounds too: its added time to first byte is the difference of two medians
+# taken under load, and in a single run it swung from 0.3x to 7.5x bare between runs.
 FULL = Sizes(3, 1, 2, 32, 500, 500, 200, 0.04, 2.0, 100_000, 64, 3, 500)
 QUICK = Sizes(1, 1, 1, 32, 20, 20, 20, 0.005, 0.05, 2000, 16, 1, 100)
 
@@ -89,17 +95,20 @@ def numbered_models() -> Callable[[int], bytes]:
     return lambda i: head + b"bench-model-%d" % i + tail
 
 
-def keymux_config(fake_url: str, port: int, admin_port: int) -> str:
+def keymux_config(fake_url: str, port: int, admin_port: int, log_level: str | None = None) -> str:
+    """The bench's keymux config. Without log_level, the default applies, as users run it."""
+
     def keys(provider: str) -> str:
         return "".join(
             f"      - name: {provider}-{n}\n        key: sk-bench-{provider}-{n}-{'x' * 24}\n" for n in range(1, 5)
         )
 
+    level = f"log_level: {log_level}\n" if log_level else ""
+
     return f"""\
 listen: {HOST}:{port}
 admin_listen: {HOST}:{admin_port}
-log_level: warning
-providers:
+{level}providers:
   openai:
     type: openai
     base_url: {fake_url}
@@ -173,10 +182,12 @@ class Bench:
         args = ["-m", "bench.passthrough", "--port", str(port), "--upstream", fake.url]
         return self.fleet.spawn("bare", args, port, port, "/v1/models")
 
-    def spawn_keymux(self, fake: Server) -> Server:
+    def spawn_keymux(self, fake: Server, name: str = KEYMUX, log_level: str | None = None) -> Server:
         port, admin = free_port(), free_port()
-        config = self.fleet.write(f"keymux-{port}.yaml", keymux_config(fake.url, port, admin))
-        return self.fleet.spawn("keymux", ["-m", "sidecar", "--config", str(config)], port, admin, "/readyz")
+        text = keymux_config(fake.url, port, admin, log_level)
+        self.report.raw.setdefault("configs", {})[name] = text
+        config = self.fleet.write(f"{name}-{port}.yaml", text)
+        return self.fleet.spawn(name, ["-m", "sidecar", "--config", str(config)], port, admin, "/readyz")
 
     def started(self, server: Server) -> Server:
         server.wait_ready()
@@ -196,12 +207,14 @@ class Bench:
         self.report.raw["scenario 6"]["seconds"] = round(time.perf_counter() - began, 1)
         bare = self.started(self.spawn_bare(fake))
         keymux = self.started(self.spawn_keymux(fake))
+        quiet = self.started(self.spawn_keymux(fake, QUIET, "warning"))
         targets = [
             Target("direct", fake, fake.url + CHAT_PATH),
             Target("bare", bare, bare.url + CHAT_PATH),
-            Target("keymux", keymux, keymux.url + CHAT_PATH),
+            Target(KEYMUX, keymux, keymux.url + CHAT_PATH),
         ]
-        for target in targets:
+        every = [*targets, Target(QUIET, quiet, quiet.url + CHAT_PATH)]  # only where the access log shows
+        for target in every:
             await self.warm_up(target)
         idle = {t.name: t.server.rss_bytes() / MB for t in targets}
         if not self.use_wrk:
@@ -211,17 +224,17 @@ class Bench:
             )
         rounds = self.sizes.rounds
         small, big = self.small, self.big
-        self.latency_rows(await self.each(1, targets, lambda t, m: self.one_connection(t, small, m), rounds), 1, "")
-        self.throughput_rows(await self.each(2, targets, self.many_connections, rounds))
+        self.latency_rows(await self.each(1, every, lambda t, m: self.one_connection(t, small, m), rounds), 1, "")
+        self.throughput_rows(await self.each(2, every, self.many_connections, rounds))
         self.latency_rows(
             await self.each(3, targets, lambda t, m: self.one_connection(t, big, m), rounds), 3, ", 200 KB body"
         )
-        self.stream_rows(await self.each(4, targets, self.streams))
+        self.stream_rows(await self.each(4, targets, self.streams, rounds))
         peak = {t.name: t.server.peak_rss_bytes() / MB for t in targets}
         self.memory_rows(idle, peak)
         self.ready_rows(ready)
         if self.profile_seconds:
-            await self.profile(targets[1], targets[2])
+            await self.profile(targets[1], targets[2])  # bare, keymux
         began = time.perf_counter()
         await self.many_models(keymux)
         self.report.raw["scenario 7"]["seconds"] = round(time.perf_counter() - began, 1)
@@ -234,20 +247,26 @@ class Bench:
         rounds: int = 1,
     ) -> dict[str, tuple[LoadResult, float]]:
         """Run one scenario against every target, in interleaved rounds so that outside load
-        hits all three alike: (load result, server CPU seconds) by target name."""
+        hits all alike: (load result, server CPU seconds) by target name. For keymux, raw also
+        counts the access lines it wrote meanwhile."""
         started = time.perf_counter()
         runs: dict[str, list[tuple[LoadResult, float]]] = {t.name: [] for t in targets}
+        loggers = [t for t in targets if t.name in (KEYMUX, QUIET)]
+        before = {t.name: await access_lines(t.server) for t in loggers}
         for _ in range(rounds):
             for target in targets:
                 meter = Meter(target.server)
                 result = await measure(target, meter)
                 runs[target.name].append((result, meter.seconds))
+        logged = {t.name: await access_lines(t.server) - before[t.name] for t in loggers}
         raw = self.report.raw.setdefault(f"scenario {scenario}", {})
         results = {}
         for name, done in runs.items():
             result, cpu = load.combine([r for r, _ in done]), sum(c for _, c in done)
             results[name] = (result, cpu)
             raw[name] = {**result.summary(), "server_cpu_s": round(cpu, 4)}
+            if name in logged:
+                raw[name]["access_lines"] = logged[name]
             if len(done) > 1:
                 raw[name]["rounds"] = [{**r.summary(), "server_cpu_s": round(c, 4)} for r, c in done]
             if result.errors:
@@ -455,6 +474,9 @@ class Bench:
         cpu = {name: 1e6 * cpu / r.requests for name, (r, cpu) in results.items()}  # µs per request
         c = self.sizes.connections
         self.report.ratio_target(Row(2, f"requests/s, {c} connections", rps, digits=0), 0.85, at_least=True)
+        access = {name: rps[name] for name in (KEYMUX, QUIET)}
+        row = Row(2, f"requests/s, {c} connections, access log on vs off", access, digits=0, base=QUIET)
+        self.report.ratio_target(row, 0.95, at_least=True)
         self.report.add(Row(2, f"server CPU µs per request, {c} connections", cpu, digits=0))
 
     def stream_rows(self, results: dict[str, tuple[LoadResult, float]]) -> None:
@@ -463,7 +485,7 @@ class Bench:
         ttfb = {name: r.ttfb_p50 for name, (r, _) in results.items()}
         what = f"{s.stream_concurrency} streams × {s.events} events"
         self.report.ratio_target(Row(4, f"server CPU s per 1k SSE events, {what}", per_k, digits=4), 1.2)
-        self.report.add(Row(4, f"added TTFB p50 vs direct, {what} (ms)", _added(ttfb)))
+        self.report.ratio_target(Row(4, f"added TTFB p50 vs direct, {what} (ms)", _added(ttfb)), 2)
 
     def memory_rows(self, idle: dict[str, float], peak: dict[str, float]) -> None:
         self.report.add(Row(5, "RSS idle, after warm-up (MB)", idle, digits=1))
@@ -494,6 +516,19 @@ def _added(values: dict[str, float | None]) -> dict[str, float | None]:
     if direct is None:
         return {}
     return {name: 1000 * (v - direct) for name, v in values.items() if name != "direct" and v is not None}
+
+
+async def access_lines(server: Server) -> int:
+    """Access lines in the server's log so far. keymux writes a request's line after its answer
+    went out, and may batch lines for up to 0.1 s, so the count is read until it holds still."""
+    count = server.log_count(ACCESS_LINE)
+    for _ in range(20):
+        await asyncio.sleep(0.15)
+        again = server.log_count(ACCESS_LINE)
+        if again == count:
+            break
+        count = again
+    return count
 
 
 _MODEL_LABEL = re.compile(r'[{,]model="((?:[^"\\]|\\.)*)"')
