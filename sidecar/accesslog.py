@@ -230,8 +230,9 @@ class AccessLog:
         line: dict[str, object] = {"time": stamp, "level": "info", "logger": "keymux.access", "msg": "request"}
         line.update(zip(_FIELDS, fields, strict=True))
         for name in ("ttfb_ms", "duration_ms"):
-            if isinstance(line[name], float | int):
-                line[name] = round(line[name], 2)
+            value = line[name]
+            if isinstance(value, float | int):
+                line[name] = round(value, 2)
         return (json.dumps(line, default=str) + "\n").encode("ascii")
 
     def _seconds(self, second: int) -> str:

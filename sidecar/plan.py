@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from sidecar.classify import Verdict
 from sidecar.config import RetryConfig
@@ -44,10 +44,13 @@ class Upstream(Protocol):
     def health(self) -> HealthStore: ...
 
 
+U = TypeVar("U", bound=Upstream)
+
+
 class Observer(Protocol):
     """Who is told what the plan decided (the shell's metrics). Never consulted."""
 
-    def attempt_finished(self, attempt: Attempt) -> None: ...
+    def attempt_finished(self, attempt: Attempt[Any]) -> None: ...
 
     def key_retry(self, provider: str, reason: Outcome) -> None: ...
 
@@ -58,12 +61,12 @@ class AttemptFinishedTwice(RuntimeError):
     """A bug in the shell: an attempt's verdict is written once."""
 
 
-class Attempt:
+class Attempt(Generic[U]):
     """One upstream attempt: a (provider, key) for a model, open until its verdict is final."""
 
     __slots__ = ("_plan", "key", "model", "provider", "verdict")
 
-    def __init__(self, plan: Plan, provider: Upstream, key: Key, model: str) -> None:
+    def __init__(self, plan: Plan[U], provider: U, key: Key, model: str) -> None:
         self._plan = plan
         self.provider = provider
         self.key = key
@@ -100,11 +103,11 @@ class LocalAnswer:
 _GATEWAY_STATUS = {Outcome.TIMEOUT: 504, Outcome.CONNECTION_ERROR: 502}
 
 
-class Plan:
+class Plan(Generic[U]):
     def __init__(
         self,
-        upstreams: Sequence[Upstream],
-        model_for: Callable[[Upstream], str],
+        upstreams: Sequence[U],
+        model_for: Callable[[U], str],
         retry: RetryConfig,
         clock: Clock,
         observer: Observer,
@@ -115,20 +118,20 @@ class Plan:
         self.clock = clock
         self.observer = observer
         self.started = clock()
-        self.attempts: list[Attempt] = []
+        self.attempts: list[Attempt[U]] = []
         self.provider_outcomes: dict[str, Outcome] = {}  # each provider's end-to-end result
         self._tried: dict[str, set[str]] = {}
         self._done: set[str] = set()  # providers with nothing left to try
 
     @property
-    def last(self) -> Attempt | None:
+    def last(self) -> Attempt[U] | None:
         return self.attempts[-1] if self.attempts else None
 
     @property
     def keys_tried(self) -> list[str]:
         return [attempt.label for attempt in self.attempts]
 
-    def next(self) -> Attempt | None:
+    def next(self) -> Attempt[U] | None:
         """The next attempt, or None when the budgets or the keys are spent.
 
         Call it first, then after each failed attempt has finished with a retryable verdict.
@@ -165,7 +168,7 @@ class Plan:
             return attempt
         return None
 
-    def _finished(self, attempt: Attempt) -> None:
+    def _finished(self, attempt: Attempt[U]) -> None:
         verdict = attempt.verdict
         assert verdict is not None
         attempt.provider.health.record(attempt.key.name, attempt.model, verdict)

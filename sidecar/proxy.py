@@ -13,11 +13,11 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
 from sidecar.accesslog import AccessLog
@@ -119,7 +119,7 @@ class Exchange:
         self.started = self.loop.time()
         self.route_label = "none"
         self.providers: tuple[Provider, ...] = ()
-        self.plan: Plan | None = None
+        self.plan: Plan[Provider] | None = None
         self.path = "/"  # upstream path and query: the route prefix and app credentials removed
         self.body = b""
         self._models: dict[str, str] = {}  # by where the model is found: body, path, deployment
@@ -235,25 +235,26 @@ class Exchange:
 
     # -- one attempt -----------------------------------------------------------------------
 
-    async def _attempt(self, attempt: Attempt) -> web.StreamResponse | _Held:
+    async def _attempt(self, attempt: Attempt[Provider]) -> web.StreamResponse | _Held:
         """Send, judge, and forward or hold the answer; the attempt is finished here, once."""
-        provider: Provider = attempt.provider  # type: ignore[assignment]
+        provider = attempt.provider
         verdict = DISCONNECTED  # what it ends as if the app goes away before anything is known
         relay = None
         held = None
         response = None
         try:
-            sent = self.loop.time()
+            clock = self.loop.time
+            sent = clock()
             try:
                 response = await self._send(provider, attempt)
-                self.ttfb = self.loop.time() - sent
+                self.ttfb = clock() - sent
                 self.metrics.ttfb(provider.name, self._model_label()).observe(self.ttfb)
                 verdict, prefix = await self._judge(provider, response)
             except _TRANSPORT_ERRORS as exc:
                 verdict = Verdict(_transport_outcome(exc))
                 return _Held(None)
             finally:
-                self.upstream_time += self.loop.time() - sent
+                self.upstream_time += clock() - sent
             if verdict.outcome.retryable:
                 held = _Held(response, prefix)
                 return held
@@ -268,7 +269,7 @@ class Exchange:
             if response is not None and held is None:
                 response.close()
 
-    async def _send(self, provider: Provider, attempt: Attempt) -> aiohttp.ClientResponse:
+    async def _send(self, provider: Provider, attempt: Attempt[Provider]) -> aiohttp.ClientResponse:
         session = self.proxy.session
         assert session is not None, "Proxy.start() was not awaited"
         method, url = self.request.method, provider.config.base_url + self.path
@@ -276,7 +277,7 @@ class Exchange:
         headers.update(provider.headers_for(attempt.key, method, url, self.body))
         return await session.request(
             method,
-            URL(url, encoded=True),
+            self.rt.url(url),
             headers=headers,
             data=self.body or None,
             allow_redirects=False,
@@ -348,7 +349,7 @@ class Exchange:
 
     # -- the plan's observer ---------------------------------------------------------------
 
-    def attempt_finished(self, attempt: Attempt) -> None:
+    def attempt_finished(self, attempt: Attempt[Any]) -> None:
         assert attempt.verdict is not None
         self.metrics.attempt(attempt.provider.name, attempt.key.name, self._model_label(), attempt.verdict.outcome)
 

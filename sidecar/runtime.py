@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from sidecar.classify import Patterns
 from sidecar.config import Config, ProviderConfig, Route
@@ -20,12 +21,14 @@ from sidecar.providers import APP_CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, PROVID
 from sidecar.redact import Redactor
 from sidecar.selection import RoundRobin
 
+_MAX_URLS = 1024
 # Bodies are read to classify them and to find usage, so answers come unencoded.
 _IDENTITY = ("Accept-Encoding", "identity")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Provider:
+    name: str  # config.name, read on every request
     config: ProviderConfig
     spec: ProviderSpec
     selector: RoundRobin
@@ -35,10 +38,6 @@ class Provider:
     # What every request with a given key carries besides its credential, built once: the
     # provider's and the key's configured headers, and identity encoding.
     key_headers: Mapping[str, tuple[tuple[str, str], ...]]
-
-    @property
-    def name(self) -> str:
-        return self.config.name
 
     def headers_for(self, key: Key, method: str, url: str, body: bytes) -> tuple[tuple[str, str], ...]:
         """Everything a request made with `key` adds to the app's headers."""
@@ -61,6 +60,7 @@ class Runtime:
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.response_headers
         )
         self.known_models = {m for pc in config.providers.values() for k in pc.keys for m in k.models or ()}
+        self._urls: dict[str, URL] = {}  # upstream URLs already parsed, by text
         # The app's request headers never forwarded: hop-by-hop, its credentials, its encoding
         # wishes (bodies are read) and the sidecar's own token.
         own = {"accept-encoding", config.security.inbound_header}
@@ -77,7 +77,16 @@ class Runtime:
             selector.adopt(old.selector)
         key_headers = {key.name: (*pc.headers, *key.headers, _IDENTITY) for key in pc.keys}
         credential = spec.credential(pc.keys, self.redact.learn)
-        return Provider(pc, spec, selector, health, Patterns(pc.patterns), credential, key_headers)
+        return Provider(pc.name, pc, spec, selector, health, Patterns(pc.patterns), credential, key_headers)
+
+    def url(self, text: str) -> URL:
+        """The upstream URL for `text` (a base_url and a checked path), parsed once."""
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= _MAX_URLS:  # paths the app sends are few; a flood of new ones starts over
+                self._urls.clear()
+            url = self._urls[text] = URL(text, encoded=True)
+        return url
 
     def route_for(self, path: str) -> tuple[Route, tuple[Provider, ...]] | None:
         for route, providers in self.routes:
