@@ -67,7 +67,7 @@ class Attempt(Generic[U]):
     __slots__ = ("_plan", "key", "model", "provider", "verdict")
 
     def __init__(self, plan: Plan[U], provider: U, key: Key, model: str) -> None:
-        self._plan = plan
+        self._plan: Plan[U] | None = plan  # dropped once finished: no cycle outlives the request
         self.provider = provider
         self.key = key
         self.model = model
@@ -79,10 +79,13 @@ class Attempt(Generic[U]):
 
     def finish(self, verdict: Verdict) -> None:
         """The attempt is over: record its final verdict, once."""
-        if self.verdict is not None:
-            raise AttemptFinishedTwice(f"{self.label} finished as {self.verdict.outcome} and then {verdict.outcome}")
+        plan = self._plan
+        if self.verdict is not None or plan is None:
+            was = self.verdict.outcome if self.verdict is not None else "?"
+            raise AttemptFinishedTwice(f"{self.label} finished as {was} and then {verdict.outcome}")
         self.verdict = verdict
-        self._plan._finished(self)
+        self._plan = None
+        plan._finished(self)
 
 
 @dataclass(frozen=True, slots=True)

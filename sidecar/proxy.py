@@ -97,6 +97,7 @@ class Proxy:
         finally:
             self.metrics.inflight.dec()
             exchange.report()
+            exchange.release()
 
 
 @dataclass(slots=True)
@@ -380,6 +381,12 @@ class Exchange:
         if last is None or last.verdict is None:
             return Outcome.CLIENT_DISCONNECTED
         return last.verdict.outcome
+
+    def release(self) -> None:
+        """Drop the links back to this exchange (the plan's observer, the relay's owner), so
+        its request, bodies and buffers are freed as soon as it ends, not at a later GC pass."""
+        self.plan = None
+        self.relay = None
 
     def report(self) -> None:
         outcome = self.outcome().value

@@ -8,6 +8,7 @@ The clients are the official SDKs, which close the connection at `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import aiohttp
@@ -167,3 +168,28 @@ async def test_an_anthropic_stream_closed_at_message_stop_is_a_success_with_its_
         labels(provider="anthropic", key="a", model="claude-3-5-haiku", kind="prompt"): 12,
         labels(provider="anthropic", key="a", model="claude-3-5-haiku", kind="completion"): 5,
     }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_leaves_no_reference_cycle_behind(fake: FakeServer, keymux: StartKeymux, stream: bool) -> None:
+    """Its request, bodies and buffers are freed by reference counting as it ends, not held
+    until a garbage-collector pass: under load that gap is resident memory."""
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
+    fake.provider.script(key=A, status=500, times=10)  # retries too: a held answer, a second attempt
+    payload = {"model": "gpt-4o", "messages": MESSAGES, "stream": stream}
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            async with km.session.post(km.url + "/v1/chat/completions", json=payload) as response:
+                assert response.status == 200
+                await response.read()
+        await settle(km)
+        gc.collect()
+        kept = sorted({type(o).__name__ for o in gc.garbage if type(o).__module__.startswith(("sidecar", "aiohttp"))})
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+        gc.enable()
+    assert kept == []
