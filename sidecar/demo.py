@@ -58,7 +58,7 @@ async def run_demo(port: int, admin_port: int, exit_after_showing: bool) -> int:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    fake_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    fake_port = int(runner.addresses[0][1])
     config = load_config(demo_config_text(port, admin_port, fake_port), {}, lambda p: "")
     sidecar = Sidecar(config)
     configure_logging(config, sidecar)

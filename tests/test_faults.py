@@ -13,7 +13,19 @@ import aiohttp
 import pytest
 
 from sidecar.fake_provider import FakeProvider
-from soak.stack import CLEAN, Answer, Stack, ask, chat, start_stack
+from soak.stack import (
+    CLEAN,
+    Answer,
+    Stack,
+    StubResolver,
+    ask,
+    chat,
+    connections_checked_out,
+    connections_idle,
+    start_stack,
+    start_upstream,
+    use_resolver,
+)
 
 KEY_A = "sk-fault-a-7f3c9e21d4b8a6f0"
 KEY_B = "sk-fault-b-19e4c7a2f0d35b86"
@@ -499,3 +511,34 @@ async def test_a_key_removed_by_a_reload_under_load_is_no_longer_used(stacks: St
     assert sorted(set(stack.provider.keys_seen())) == sorted({KEY_A, KEY_C})
     end = await stack.finish()
     assert end.state() == CLEAN
+
+
+# -- the harness itself ------------------------------------------------------------------------
+
+
+async def test_the_aiohttp_internals_the_leak_checks_rely_on_still_mean_what_they_did() -> None:
+    """soak/stack.py counts keymux's upstream connections and swaps its resolver through private
+    aiohttp attributes, there being no public way. An aiohttp release that renames or reshapes
+    them must fail here, by name, rather than let every leak check pass by counting nothing."""
+    upstream = await start_upstream()
+    upstream.provider.script(events=3, event_delay=0.05)  # the body is still coming after the headers
+    port = int(upstream.url.rsplit(":", 1)[1])
+    resolver = StubResolver({"upstream.test": port}, default=port)
+    connector = aiohttp.TCPConnector()
+    use_resolver(connector, resolver)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            headers = {"Authorization": f"Bearer {KEY_A}"}
+            async with session.post(
+                "http://upstream.test/v1/chat/completions", data=chat(stream=True), headers=headers
+            ) as response:
+                assert response.status == 200
+                during = (connections_checked_out(connector), connections_idle(connector))
+                await response.read()
+            after = (connections_checked_out(connector), connections_idle(connector))
+    finally:
+        await upstream.close()
+    broken = f"aiohttp {aiohttp.__version__} changed an internal that soak/stack.py reads:"
+    assert resolver.asked == ["upstream.test"], f"{broken} TCPConnector._resolver (see use_resolver)"
+    assert during == (1, 0), f"{broken} BaseConnector._acquired or _conns (a request in flight counts {during})"
+    assert after == (0, 1), f"{broken} BaseConnector._acquired or _conns (a pooled connection counts {after})"
