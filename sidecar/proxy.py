@@ -491,11 +491,15 @@ class Relay:
             started = self.last_chunk = loop.time()
             streaming[self] = None
             if self.prefix:
-                await self._write(out, self.prefix, usage, scrub)
+                chunk = self._pass(self.prefix, usage, scrub)
+                await out.write(chunk)
+                self._sent(chunk)
             clock = loop.time
-            async for chunk in response.content.iter_any():
+            async for chunk in response.content.iter_any():  # the hot loop of a stream: no extra await
                 self.last_chunk = clock()
-                await self._write(out, chunk, usage, scrub)
+                chunk = self._pass(chunk, usage, scrub)
+                await out.write(chunk)
+                self._sent(chunk)
             if scrub is not None and (rest := scrub.flush()):
                 self.bytes_out += len(rest)
                 await out.write(rest)
@@ -512,15 +516,15 @@ class Relay:
             self.cut_by_app = self.verdict is DISCONNECTED
         return out
 
-    async def _write(
-        self, out: web.StreamResponse, chunk: bytes, usage: UsageTail | None, scrub: BodyScrubber | EventScrubber | None
-    ) -> None:
-        """One chunk on its way to the app: read for usage, scrubbed of secrets, counted."""
+    @staticmethod
+    def _pass(chunk: bytes, usage: UsageTail | None, scrub: BodyScrubber | EventScrubber | None) -> bytes:
+        """One chunk on its way to the app: read for usage, scrubbed of secrets."""
         if usage is not None:
             usage.feed(chunk)
-        if scrub is not None:
-            chunk = scrub.feed(chunk)
-        await out.write(chunk)
+        return chunk if scrub is None else scrub.feed(chunk)
+
+    def _sent(self, chunk: bytes) -> None:
+        """A chunk the app's connection took: counted, and kept to tell a finished stream."""
         self.bytes_out += len(chunk)
         self._tail = chunk
 
