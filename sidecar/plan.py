@@ -64,18 +64,15 @@ class AttemptFinishedTwice(RuntimeError):
 class Attempt(Generic[U]):
     """One upstream attempt: a (provider, key) for a model, open until its verdict is final."""
 
-    __slots__ = ("_plan", "key", "model", "provider", "verdict")
+    __slots__ = ("_plan", "key", "label", "model", "provider", "verdict")
 
     def __init__(self, plan: Plan[U], provider: U, key: Key, model: str) -> None:
         self._plan: Plan[U] | None = plan  # dropped once finished: no cycle outlives the request
         self.provider = provider
         self.key = key
         self.model = model
+        self.label = f"{provider.name}/{key.name}"  # as logs and messages name it
         self.verdict: Verdict | None = None  # the final verdict, once finished
-
-    @property
-    def label(self) -> str:
-        return f"{self.provider.name}/{self.key.name}"
 
     def finish(self, verdict: Verdict) -> None:
         """The attempt is over: record its final verdict, once."""
@@ -122,6 +119,7 @@ class Plan(Generic[U]):
         self.observer = observer
         self.started = clock()
         self.attempts: list[Attempt[U]] = []
+        self.keys_tried: list[str] = []  # the attempts' labels, in order
         self.provider_outcomes: dict[str, Outcome] = {}  # each provider's end-to-end result
         self._tried: dict[str, set[str]] = {}
         self._done: set[str] = set()  # providers with nothing left to try
@@ -129,10 +127,6 @@ class Plan(Generic[U]):
     @property
     def last(self) -> Attempt[U] | None:
         return self.attempts[-1] if self.attempts else None
-
-    @property
-    def keys_tried(self) -> list[str]:
-        return [attempt.label for attempt in self.attempts]
 
     def next(self) -> Attempt[U] | None:
         """The next attempt, or None when the budgets or the keys are spent.
@@ -168,6 +162,7 @@ class Plan(Generic[U]):
             tried.add(key.name)
             attempt = Attempt(self, upstream, key, model)
             self.attempts.append(attempt)
+            self.keys_tried.append(attempt.label)
             return attempt
         return None
 

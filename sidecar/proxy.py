@@ -414,8 +414,8 @@ class Exchange:
                 len(plan.attempts) if plan is not None else 0,
                 outcome,
                 self.status,
-                None if self.ttfb is None else round(self.ttfb * 1000, 2),
-                round(duration * 1000, 2),
+                None if self.ttfb is None else self.ttfb * 1000,
+                duration * 1000,
                 relay.bytes_out if relay is not None else self.answer_bytes,
             )
 
