@@ -52,9 +52,8 @@ class Sidecar:
         self.env = dict(env or {})
         self.config_text = config_text  # how to read the config again on reload
         self.metrics = Metrics(config.metrics.max_models)
-        self.access = access or AccessLog()
-        self.access.enabled = _access_enabled(config)
-        self.proxy = Proxy(Runtime(config, clock), self.metrics, self.access)
+        self.proxy = Proxy(Runtime(config, clock), self.metrics, access or AccessLog())
+        self.proxy.access.enabled = _access_enabled(config)
         self.metrics.models.known |= self.proxy.runtime.known_models
         self.metrics.watch_health(lambda: [(p.name, p.health) for p in self.proxy.runtime.providers.values()])
         self.draining = False
@@ -215,7 +214,7 @@ class Sidecar:
         self.metrics.reloads("success").inc()
         if config.log_level != old.log_level:
             logging.getLogger().setLevel(config.log_level.upper())
-            self.access.enabled = _access_enabled(config)
+            self.proxy.access.enabled = _access_enabled(config)
         for field in RESTART_ONLY:
             if getattr(config, field) != getattr(old, field):
                 log.warning("this change needs a restart; the old value stays", extra={"fields": {"field": field}})

@@ -585,8 +585,8 @@ def keymux_log() -> Callable[[Running], Lines]:
 
     def attach(km: Running) -> Lines:
         handler = Lines(JsonFormatter(km.sidecar.runtime.redact.text))
-        handler.access.enabled = km.sidecar.access.enabled
-        km.sidecar.access = km.sidecar.proxy.access = handler.access
+        handler.access.enabled = km.sidecar.proxy.access.enabled
+        km.sidecar.proxy.access = handler.access
         handlers.append(handler)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

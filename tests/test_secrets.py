@@ -86,7 +86,7 @@ class LogLines(logging.Handler):
         self._lines: list[str] = []
         # The access log writes its own lines, past logging: capture those too.
         self.access = AccessLog(write=self._write_access)
-        stack.sidecar.access = stack.sidecar.proxy.access = self.access
+        stack.sidecar.proxy.access = self.access
 
     def _write_access(self, data: bytes) -> int:
         self._lines.extend(data.decode().splitlines())
