@@ -9,6 +9,8 @@ Rules are set in-process (`FakeProvider.script`) or over HTTP (`POST /_fake/rule
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import json
 import re
 import time
@@ -150,10 +152,13 @@ class FakeProvider:
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            body = None
+        if request.content_type == "multipart/form-data":  # audio and image uploads: the model is a field
+            body: Any = _form_fields(request.headers["Content-Type"], raw)
+        else:
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                body = None
         shape, model = _shape_and_model(request.path, body)
         key = _key_of(request)
         self.seen.append(
@@ -178,6 +183,8 @@ class FakeProvider:
             delay = rule.event_delay if rule and rule.event_delay is not None else self.event_delay
             end_delay = rule.end_delay if rule else 0.0
             return await _stream(request, shape, model, body, events, delay, rule.headers if rule else {}, end_delay)
+        if request.path.endswith(("/audio/transcriptions", "/audio/translations")):
+            return web.json_response({"text": "Hello from the fake provider."}, headers=rule.headers if rule else None)
         return web.json_response(_completion(shape, model, request.path), headers=rule.headers if rule else None)
 
     async def _fast(self, request: web.Request) -> web.StreamResponse:
@@ -223,6 +230,19 @@ class FakeProvider:
         await asyncio.sleep(0.05)
         transport.abort()
         return response
+
+
+def _form_fields(content_type: str, raw: bytes) -> dict[str, str]:
+    """The text fields of a multipart/form-data body (files left out)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str) and part.get_filename() is None:
+            fields[name] = part.get_content().strip()
+    return fields
 
 
 def _echo(request: web.Request) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -97,16 +98,95 @@ def model_from_json(path: str, body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
+_BOUNDARY = re.compile(r'boundary="?([^";,\s]+)"?', re.IGNORECASE)
+_MODEL_FIELD = re.compile(rb'\bname="?model"?(?:;|\r|$)', re.IGNORECASE)
+
+
+def model_from_multipart(content_type: str, body: bytes) -> str | None:
+    """The `model` field of a multipart/form-data body (transcriptions, translations, image edits).
+
+    Walks the part headers only; a file part's bytes are skipped, never parsed or copied.
+    """
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        return None
+    delimiter = b"--" + match.group(1).encode("latin-1")
+    at = body.find(delimiter)
+    while at != -1:
+        head_start = at + len(delimiter)
+        head_end = body.find(b"\r\n\r\n", head_start)
+        if head_end == -1:
+            return None
+        following = body.find(b"\r\n" + delimiter, head_end)
+        if _MODEL_FIELD.search(body, head_start, head_end):
+            value = body[head_end + 4 : following if following != -1 else len(body)]
+            try:
+                return value.decode() if len(value) <= 1024 else None
+            except UnicodeDecodeError:
+                return None
+        if following == -1:
+            return None
+        at = following + 2
+    return None
+
+
+def model_from_body(path: str, body: bytes, content_type: str = "") -> str | None:
+    """The model a request body names: a JSON body's `model`, or a multipart form's field."""
+    if content_type[:19].lower() == "multipart/form-data":
+        return model_from_multipart(content_type, body)
+    return model_from_json(path, body)
+
+
+MODEL_PREFIX_BYTES = 1024 * 1024  # of an encoded request body, decoded only to find the model
+
+
+def decoded_prefix(content_encoding: str, body: bytes, limit: int = MODEL_PREFIX_BYTES) -> bytes:
+    """At most `limit` bytes of an encoded request body, decoded; b"" when it cannot be.
+
+    The body itself is forwarded as it came, with its Content-Encoding: this is only read.
+    """
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body[:limit]
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        wbits = zlib.MAX_WBITS | 32  # gzip or zlib, told apart by the header
+        for bits in (wbits, -zlib.MAX_WBITS):  # deflate is sometimes sent raw, without zlib's header
+            try:
+                return zlib.decompressobj(bits).decompress(body, limit)
+            except zlib.error:
+                continue
+        return b""
+    if encoding == "br":
+        try:
+            import brotli  # type: ignore[import-not-found]  # optional, as for aiohttp itself
+        except ImportError:
+            return b""
+        try:
+            return bytes(brotli.Decompressor().process(body)[:limit])
+        except brotli.error:
+            return b""
+    return b""
+
+
 _GEMINI_MODEL = re.compile(r"/(?:tunedModels|models)/([^/:]+):")
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)")
 
 
-def _model_from_path(pattern: re.Pattern[str]) -> Callable[[str, bytes], str | None]:
-    def find(path: str, body: bytes) -> str | None:
+ModelFinder = Callable[[str, bytes, str], str | None]  # (upstream path, body, content type) -> model
+
+
+def _model_from_path(pattern: re.Pattern[str]) -> ModelFinder:
+    def find(path: str, body: bytes, content_type: str = "") -> str | None:
         match = pattern.search(path)
         return match.group(1) if match else None
 
     return find
+
+
+def _azure_model(path: str, body: bytes, content_type: str = "") -> str | None:
+    """The deployment of the classic path; on the v1 path (`/openai/v1/...`) the body's model."""
+    match = _AZURE_DEPLOYMENT.search(path)
+    return match.group(1) if match else model_from_body(path, body, content_type)
 
 
 def _openai_error(status: int, code: str, message: str) -> dict[str, Any]:
@@ -183,7 +263,7 @@ class ProviderSpec:
     credential: CredentialFactory
     credential_header: str  # where the key goes, for the README's provider table and the docs
     model_location: str  # "body", "path" (Gemini models/{model}:…) or "deployment" (Azure)
-    find_model: Callable[[str, bytes], str | None]  # (upstream path, request body) -> model
+    find_model: ModelFinder
     error_body: Callable[[int, str, str], dict[str, Any]]
     # What the last event of a complete stream holds: an app that closes the connection after
     # it has the whole answer (the openai SDK closes at `data: [DONE]`).
@@ -214,9 +294,9 @@ def _spec(
     **extra: Any,
 ) -> ProviderSpec:
     finder = {
-        "body": model_from_json,
+        "body": model_from_body,
         "path": _model_from_path(_GEMINI_MODEL),
-        "deployment": _model_from_path(_AZURE_DEPLOYMENT),
+        "deployment": _azure_model,
     }[location]
     return ProviderSpec(type_, header_credential(header, prefix), header, location, finder, error, terminal, **extra)
 

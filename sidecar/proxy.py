@@ -25,7 +25,7 @@ from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
 from sidecar.plan import Attempt, LocalAnswer, Plan
-from sidecar.providers import APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS, ProviderSpec
+from sidecar.providers import APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS, ProviderSpec, decoded_prefix
 from sidecar.redact import BodyScrubber, EventScrubber
 from sidecar.runtime import Provider, Runtime
 from sidecar.usage import UsageTail
@@ -207,6 +207,10 @@ class Exchange:
             return self.local_error(413, "request_too_large", too_large)
         if not request.body_exists:
             return None
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+            # Every check that could refuse the request has passed: ask for the body now
+            # (curl waits a second for this above 1 KiB, and some clients wait forever).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if length is not None:  # the usual case: one read of a known length
             try:
                 self.body = await request.content.readexactly(length)
@@ -228,7 +232,12 @@ class Exchange:
         spec = provider.spec
         model = self._models.get(spec.model_location)
         if model is None:
-            model = (spec.find_model(self.path.partition("?")[0], self.body) or "")[:256]
+            headers = self.request.headers
+            body = self.body
+            if body and (encoding := headers.get("Content-Encoding")):
+                body = decoded_prefix(encoding, body)  # forwarded as it came; read decoded
+            found = spec.find_model(self.path.partition("?")[0], body, headers.get("Content-Type", ""))
+            model = (found or "")[:256]
             self._models[spec.model_location] = model
             if self.model is None and model:
                 self.model = model

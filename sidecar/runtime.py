@@ -62,8 +62,8 @@ class Runtime:
         self.known_models = {m for pc in config.providers.values() for k in pc.keys for m in k.models or ()}
         self._urls: dict[str, URL] = {}  # upstream URLs already parsed, by text
         # The app's request headers never forwarded: hop-by-hop, its credentials, its encoding
-        # wishes (bodies are read) and the sidecar's own token.
-        own = {"accept-encoding", config.security.inbound_header}
+        # wishes (bodies are read), an Expect keymux answered itself and the sidecar's own token.
+        own = {"accept-encoding", "expect", config.security.inbound_header}
         self.drop_headers = HOP_BY_HOP_HEADERS | APP_CREDENTIAL_HEADERS | own
 
     def _provider(self, pc: ProviderConfig, old: Provider | None) -> Provider:

@@ -132,7 +132,10 @@ class Sidecar:
         self._sweeper = asyncio.create_task(self._sweep_forever())
         # The app listener is a bare aiohttp server with one handler, no router: every request,
         # whatever its method or target, reaches the proxy, which answers in the provider's shape.
-        proxy_server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        # auto_decompress off: a request body with a Content-Encoding is forwarded byte for byte.
+        proxy_server = web.Server(
+            self.proxy.handle, handler_cancellation=True, access_log=None, auto_decompress=False
+        )
         for name, runner, (host, port) in (
             ("app", web.ServerRunner(proxy_server, shutdown_timeout=STOP_GRACE), config.listen),
             ("admin", web.AppRunner(self.admin, access_log=None, shutdown_timeout=STOP_GRACE), config.admin_listen),

@@ -1,0 +1,142 @@
+"""Provider calls beyond a JSON chat body, through real sockets: Expect: 100-continue, request
+bodies with a Content-Encoding, multipart uploads and Azure's v1 path, with the model found
+for each (its health and its metrics label depend on it)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import zlib
+
+import openai
+import pytest
+
+from tests.conftest import FakeServer, Running, StartKeymux, openai_config
+from tests.test_metrics import family, labels, settle
+
+A, B = "sk-surface-a-000000000000", "sk-surface-b-000000000000"
+
+
+async def raw_exchange(km: Running, head: bytes, body: bytes, wait_for_continue: bool) -> tuple[bytes, bytes]:
+    """(what came back before the body was sent, the final answer's head) over one raw connection."""
+    port = km.sidecar.port("app")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        interim = b""
+        if wait_for_continue:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if not interim.startswith(b"HTTP/1.1 100"):
+                return interim, b""
+        writer.write(body)
+        await writer.drain()
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return interim, final
+    finally:
+        writer.close()
+
+
+def post_head(body: bytes, extra: str = "") -> bytes:
+    return (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n{extra}\r\n"
+    ).encode()
+
+
+async def test_expect_100_continue_is_answered_before_the_body_and_not_forwarded(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A}))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 4096}]}).encode()
+
+    interim, final = await raw_exchange(km, post_head(body), body, wait_for_continue=True)
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.startswith(b"HTTP/1.1 200 ")
+    [seen] = fake.provider.seen
+    assert seen.model == "gpt-4o" and "Expect" not in seen.headers
+
+
+async def test_a_body_over_the_limit_gets_413_instead_of_100_continue(fake: FakeServer, keymux: StartKeymux) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A}, "limits:\n  max_body_bytes: 1000\n"))
+    body = b"{" + b" " * 2000 + b"}"
+
+    interim, _ = await raw_exchange(km, post_head(body), body, wait_for_continue=True)
+
+    assert interim.startswith(b"HTTP/1.1 413 ")
+    assert list(fake.provider.seen) == []
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress)],
+)
+async def test_an_encoded_request_body_is_forwarded_byte_for_byte_and_its_model_is_found(
+    fake: FakeServer, keymux: StartKeymux, encoding: str, compress
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A}))
+    plain = json.dumps({"messages": [{"role": "user", "content": "hi " * 5000}], "model": "gpt-4o"}).encode()
+    body = compress(plain)
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+
+    async with km.session.post(km.url + "/v1/chat/completions", data=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+
+    [seen] = fake.provider.seen
+    assert seen.model == "gpt-4o"  # the provider inflated what keymux passed on unchanged
+    assert (seen.headers["Content-Encoding"], int(seen.headers["Content-Length"])) == (encoding, len(body))
+    samples = await settle(km)
+    assert family(samples, "keymux_upstream_attempts_total") == {
+        labels(provider="openai", key="a", model="gpt-4o", outcome="success"): 1
+    }
+
+
+async def test_a_transcription_upload_is_counted_under_its_model_from_the_form(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A}))
+    client = openai.AsyncOpenAI(base_url=km.url + "/v1", api_key="placeholder-key", max_retries=0)
+    audio = io.BytesIO(b"RIFF" + b"\x00" * 50_000)
+    audio.name = "hello.wav"
+    try:
+        transcript = await client.audio.transcriptions.create(model="whisper-1", file=audio)
+    finally:
+        await client.close()
+
+    assert transcript.text == "Hello from the fake provider."
+    samples = await settle(km)
+    assert family(samples, "keymux_upstream_attempts_total") == {
+        labels(provider="openai", key="a", model="whisper-1", outcome="success"): 1
+    }
+
+
+def azure_config(fake: FakeServer) -> str:
+    return (
+        f"providers:\n  azure:\n    type: azure\n    base_url: {fake.url}\n    keys:\n"
+        f"      - name: a\n        key: {A}\n      - name: b\n        key: {B}\n"
+    )
+
+
+async def test_a_deployment_missing_on_azures_v1_path_cools_the_key_for_that_model_only(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(azure_config(fake))
+    fake.provider.script(key=A, model="gpt-4o", status=404, kind="model_access")
+    url = km.url + "/openai/v1/chat/completions"
+
+    async def chat(model: str) -> int:
+        async with km.session.post(url, json={"model": model, "messages": []}) as response:
+            return response.status
+
+    assert await chat("gpt-4o") == 200  # a: DeploymentNotFound, b answers
+    assert [await chat("gpt-4o-mini") for _ in range(4)] == [200] * 4
+    assert [await chat("gpt-4o") for _ in range(2)] == [200] * 2
+
+    # a served gpt-4o-mini as usual (its 404 was for gpt-4o only); gpt-4o went to b alone.
+    assert fake.provider.keys_seen() == [A, B, A, B, A, B, B, B]  # gpt-4o: a, b; mini: a, b, a, b; gpt-4o: b, b
+    samples = await settle(km)
+    assert samples[("keymux_key_state", labels(provider="azure", key="a", model="gpt-4o"))] == 1
+    assert ("keymux_key_state", labels(provider="azure", key="a", model="gpt-4o-mini")) not in samples
