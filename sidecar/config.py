@@ -68,8 +68,10 @@ class TimeoutConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = 512 * 1024 * 1024  # what providers accept for a file upload
+    memory_body_bytes: int = 1024 * 1024  # larger request bodies are spooled to spool_dir
     error_body_bytes: int = 64 * 1024  # the prefix of an error body read to classify it
+    spool_dir: str | None = None  # None: the system's temporary directory
 
 
 @dataclass(frozen=True)
@@ -371,16 +373,25 @@ def _section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
     defaults = cls()
     fields = tuple(defaults.__dataclass_fields__)
     _mapping(body, name, fields)
-    values = {}
+    values: dict[str, Any] = {}
     for key, value in body.items():
         default = getattr(defaults, key)
-        values[key] = _number(
-            value, f"{name}.{key}", integer=isinstance(default, int), zero_ok=f"{name}.{key}" in _ZERO_OK
-        )
+        path = f"{name}.{key}"
+        if path in _DIRECTORIES:
+            values[key] = _directory(value, path)
+            continue
+        values[key] = _number(value, path, integer=isinstance(default, int), zero_ok=path in _ZERO_OK)
     return cls(**values)
 
 
 _ZERO_OK = frozenset({"shutdown.drain_delay"})  # a native sidecar needs no delay
+_DIRECTORIES = frozenset({"limits.spool_dir"})
+
+
+def _directory(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(path, "must be an absolute directory path (an emptyDir volume in Kubernetes)")
+    return value
 
 
 def _number(value: Any, path: str, integer: bool, zero_ok: bool = False) -> float | int:

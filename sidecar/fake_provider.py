@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
+import hashlib
 import json
 import re
 import time
@@ -18,7 +19,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 FAULTS = (
     "reset_before_headers",  # close the connection without answering
@@ -151,6 +152,8 @@ class FakeProvider:
             self.completed += 1
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/files") and request.content_type == "multipart/form-data":
+            return await self._upload(request)
         raw = await request.read()
         if request.content_type == "multipart/form-data":  # audio and image uploads: the model is a field
             body: Any = _form_fields(request.headers["Content-Type"], raw)
@@ -201,6 +204,31 @@ class FakeProvider:
             await response.write(self._canned_stream)
         await response.write_eof()
         return response
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        """A file upload, read part by part without keeping it: its size and digest are answered."""
+        key = _key_of(request)
+        headers = dict(request.headers)
+        self.seen.append(Seen(request.method, request.path, request.query_string, key, None, "openai", headers))
+        rule = next((r for r in self.rules if r.applies(key, None)), None)
+        if rule is not None and rule.times is not None:
+            rule.times -= 1
+        if rule is not None and rule.status >= 400:
+            return _rule_error("openai", rule, key or "", None)
+        if not key or key in self.revoked:
+            return _error("openai", 401, "credential", _invalid_key_message("openai", key))
+        size, digest, purpose = 0, hashlib.sha256(), None
+        async for part in await request.multipart():
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.filename is None:
+                purpose = (await part.read()).decode()
+                continue
+            while chunk := await part.read_chunk(256 * 1024):
+                size += len(chunk)
+                digest.update(chunk)
+        answer = {"id": "file-fake", "object": "file", "bytes": size, "purpose": purpose, "sha256": digest.hexdigest()}
+        return web.json_response(answer)
 
     async def _fault(self, request: web.Request, rule: Rule, shape: str) -> web.StreamResponse:
         transport = request.transport

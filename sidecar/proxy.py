@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from sidecar.plan import Attempt, LocalAnswer, Plan
 from sidecar.providers import APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS, ProviderSpec, decoded_prefix
 from sidecar.redact import BodyScrubber, EventScrubber
 from sidecar.runtime import Provider, Runtime
+from sidecar.spool import SpooledBody
 from sidecar.usage import UsageTail
 
 log = logging.getLogger("keymux")
@@ -122,7 +124,8 @@ class Exchange:
         self.providers: tuple[Provider, ...] = ()
         self.plan: Plan[Provider] | None = None
         self.path = "/"  # upstream path and query: the route prefix and app credentials removed
-        self.body = b""
+        self.body = b""  # the request body when it is kept in memory
+        self.spool: SpooledBody | None = None  # ... or on disk, past limits.memory_body_bytes
         self._models: dict[str, str] = {}  # by where the model is found: body, path, deployment
         self._headers: list[tuple[str, str]] | None = None
         self.model: str | None = None  # the first model name found, for labels
@@ -202,46 +205,85 @@ class Exchange:
         request = self.request
         limit = self.rt.config.limits.max_body_bytes
         length = request.content_length
-        too_large = f"keymux: the request body is over the limit of {limit} bytes"
         if length is not None and length > limit:
-            return self.local_error(413, "request_too_large", too_large)
+            return self._too_large()
         if not request.body_exists:
             return None
         if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
             # Every check that could refuse the request has passed: ask for the body now
             # (curl waits a second for this above 1 KiB, and some clients wait forever).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if length is not None:  # the usual case: one read of a known length
+        limits = self.rt.config.limits
+        if length is not None and length <= limits.memory_body_bytes:  # the usual case: one read
             try:
                 self.body = await request.content.readexactly(length)
             except asyncio.IncompleteReadError:
                 return self.local_error(400, "incomplete_body", "keymux: the request body ended early")
             return None
-        chunks = []
+        return await self._read_large_body(length)
+
+    async def _read_large_body(self, length: int | None) -> web.Response | None:
+        """A body of unknown or large size: in memory up to limits.memory_body_bytes, then spooled."""
+        limits = self.rt.config.limits
+        chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_any():
+        spool = None
+        async for chunk in self.request.content.iter_any():
             size += len(chunk)
-            if size > limit:
-                return self.local_error(413, "request_too_large", too_large)
-            chunks.append(chunk)
-        self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if size > limits.max_body_bytes:
+                return self._too_large()
+            if spool is None and size > limits.memory_body_bytes:
+                try:
+                    spool = self.spool = SpooledBody(limits.spool_dir)
+                except OSError as exc:
+                    log.error("cannot spool a request body", extra={"fields": {"reason": str(exc)}})
+                    message = "keymux: cannot spool the request body"
+                    return self.local(LocalAnswer(507, "spool_failed", message, Outcome.UPSTREAM_ERROR))
+                for held in chunks:
+                    spool.write(held)
+                chunks.clear()
+            if spool is not None:
+                spool.write(chunk)
+            else:
+                chunks.append(chunk)
+        if length is not None and size != length:
+            return self.local_error(400, "incomplete_body", "keymux: the request body ended early")
+        if spool is not None:
+            spool.finish()
+        else:
+            self.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return None
+
+    def _too_large(self) -> web.Response:
+        message = f"keymux: the request body is over the limit of {self.rt.config.limits.max_body_bytes} bytes"
+        return self.local_error(413, "request_too_large", message)
 
     def model_for(self, provider: Provider) -> str:
         """The model this request asks of `provider` ("" when it names none)."""
         spec = provider.spec
         model = self._models.get(spec.model_location)
         if model is None:
-            headers = self.request.headers
-            body = self.body
-            if body and (encoding := headers.get("Content-Encoding")):
-                body = decoded_prefix(encoding, body)  # forwarded as it came; read decoded
-            found = spec.find_model(self.path.partition("?")[0], body, headers.get("Content-Type", ""))
+            path, content_type = self.path.partition("?")[0], self.request.headers.get("Content-Type", "")
+            found = None
+            for body in self._model_sources():
+                found = spec.find_model(path, body, content_type)
+                if found:
+                    break
             model = (found or "")[:256]
             self._models[spec.model_location] = model
             if self.model is None and model:
                 self.model = model
         return model
+
+    def _model_sources(self) -> tuple[bytes, ...]:
+        """Where the body may name its model: all of it, or a spooled body's two ends; an
+        encoded body is read decoded (it is forwarded as it came)."""
+        spool, encoding = self.spool, self.request.headers.get("Content-Encoding")
+        if spool is None:
+            return (decoded_prefix(encoding, self.body),) if self.body and encoding else (self.body,)
+        if encoding:
+            return (decoded_prefix(encoding, spool.head),)  # the tail of a compressed stream cannot be read alone
+        return (spool.head, spool.tail)
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -285,11 +327,16 @@ class Exchange:
         method, url = self.request.method, provider.config.base_url + self.path
         headers = self._headers_for(provider)
         headers.update(provider.headers_for(attempt.key, method, url, self.body))
+        spool = self.spool
+        data: bytes | AsyncIterator[bytes] | None = self.body or None
+        if spool is not None:
+            data = spool.chunks()  # each attempt reads the spooled body from its start
+            headers["Content-Length"] = str(spool.size)
         return await session.request(
             method,
             self.rt.url(url),
             headers=headers,
-            data=self.body or None,
+            data=data,
             allow_redirects=False,
             timeout=self.rt.client_timeout,
         )
@@ -393,9 +440,12 @@ class Exchange:
 
     def release(self) -> None:
         """Drop the links back to this exchange (the plan's observer, the relay's owner), so
-        its request, bodies and buffers are freed as soon as it ends, not at a later GC pass."""
+        its request, bodies and buffers are freed as soon as it ends, not at a later GC pass;
+        remove a spooled body."""
         self.plan = None
         self.relay = None
+        if self.spool is not None:
+            self.spool.close()
 
     def report(self) -> None:
         outcome = self.outcome().value

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import io
 import json
+import os
+import random
+import subprocess
+import sys
 import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
 from tests.conftest import FakeServer, Running, StartKeymux, openai_config
+from tests.test_accesslog import REPO, free_port
 from tests.test_metrics import family, labels, settle
 
 A, B = "sk-surface-a-000000000000", "sk-surface-b-000000000000"
@@ -140,3 +149,103 @@ async def test_a_deployment_missing_on_azures_v1_path_cools_the_key_for_that_mod
     samples = await settle(km)
     assert samples[("keymux_key_state", labels(provider="azure", key="a", model="gpt-4o"))] == 1
     assert ("keymux_key_state", labels(provider="azure", key="a", model="gpt-4o-mini")) not in samples
+
+
+# -- large uploads ----------------------------------------------------------------------------
+
+
+def upload_form(size: int, seed: int = 7) -> tuple[aiohttp.FormData, str]:
+    """A files.create form with `size` bytes of file content, and the content's sha256."""
+    content = random.Random(seed).randbytes(size)
+    form = aiohttp.FormData()
+    form.add_field("purpose", "batch")
+    form.add_field("file", content, filename="data.jsonl", content_type="application/octet-stream")
+    return form, hashlib.sha256(content).hexdigest()
+
+
+async def test_a_spooled_upload_is_re_sent_whole_to_the_next_key(fake: FakeServer, keymux: StartKeymux) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}, "limits:\n  memory_body_bytes: 65536\n"))
+    fake.provider.script(key=A, status=500)
+    form, digest = upload_form(3 * 1024 * 1024)
+
+    async with km.session.post(km.url + "/v1/files", data=form) as response:
+        answer = await response.json()
+
+    assert response.status == 200, answer
+    assert (answer["bytes"], answer["sha256"], answer["purpose"]) == (3 * 1024 * 1024, digest, "batch")
+    assert fake.provider.keys_seen() == [A, B]
+
+
+def memory_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def spool_files(pid: int, directory: Path) -> list[str]:
+    """The spool files keymux still holds open (they are unlinked as soon as they are made)."""
+    held = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            held.append(target)
+    return held
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+async def test_a_200_mib_upload_through_a_real_keymux_keeps_its_memory_flat(fake: FakeServer, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    port, admin = free_port(), free_port()
+    config = tmp_path / "keymux.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\nlog_level: warning\n"
+        f"limits:\n  spool_dir: {spool}\n" + openai_config(fake.url, {"a": A})
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "--config", str(config)],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    size = 200 * 1024 * 1024
+    block = random.Random(3).randbytes(1024 * 1024)
+
+    async def content() -> AsyncIterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):  # bounded wait for the listener
+                try:
+                    async with session.get(f"http://127.0.0.1:{admin}/readyz") as ready:
+                        if ready.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            small, _ = upload_form(4 * 1024 * 1024)  # warm up the spool path once
+            async with session.post(f"http://127.0.0.1:{port}/v1/files", data=small) as response:
+                assert response.status == 200
+            before = memory_kb(process.pid, "VmHWM")
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", content(), filename="big.jsonl", content_type="application/octet-stream")
+            async with session.post(f"http://127.0.0.1:{port}/v1/files", data=form) as response:
+                answer = await response.json()
+            peak = memory_kb(process.pid, "VmHWM")
+            held = spool_files(process.pid, spool)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    assert response.status == 200, answer
+    expected = hashlib.sha256()
+    for _ in range(size // len(block)):
+        expected.update(block)
+    assert (answer["bytes"], answer["sha256"]) == (size, expected.hexdigest())
+    assert peak - before <= 32 * 1024, f"resident memory peak grew {(peak - before) / 1024:.0f} MiB"
+    assert held == []  # the spooled body went with its request
+    assert list(spool.iterdir()) == []

@@ -114,6 +114,9 @@ def materialize(root: Path) -> Pod:
     for mount in container["volumeMounts"]:
         assert "subPath" not in mount, "a subPath mount is never updated, so it cannot hot-reload"
         volume = volumes[mount["name"]]
+        if "emptyDir" in volume:  # the spool: a writable directory, empty at start
+            pod.path(mount["mountPath"]).mkdir(parents=True, exist_ok=True)
+            continue
         if "configMap" in volume:
             data, items = config_maps[volume["configMap"]["name"]], volume["configMap"].get("items")
         else:
@@ -467,3 +470,17 @@ def _wait_for_json(url: str, process: subprocess.Popen[str], timeout: float) -> 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_large_request_bodies_have_a_writable_spool_under_the_read_only_root(tmp_path: Path) -> None:
+    """Uploads over limits.memory_body_bytes are spooled to the temporary directory; with a
+    read-only root filesystem that must be a volume, sized for a few uploads at the limit."""
+    spec, container = pod_spec(), keymux_container()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    config = materialize(tmp_path).load()
+    spool = config.limits.spool_dir or "/tmp"
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == spool]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert "readOnly" not in mount and "emptyDir" in volume
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 1024**3 >= 2 * config.limits.max_body_bytes
