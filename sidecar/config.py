@@ -40,6 +40,7 @@ class ProviderConfig:
     patterns: PatternSet = field(default_factory=dict)
     headers: tuple[tuple[str, str], ...] = ()
     key_files: tuple[str, ...] = ()
+    affinity: bool = True  # send requests naming a resource to the key that created it
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ _TOP_FIELDS = (
     "shutdown",
     "security",
 )
-_PROVIDER_FIELDS = ("type", "base_url", "keys", "keys_from_env", "patterns", "headers")
+_PROVIDER_FIELDS = ("type", "base_url", "keys", "keys_from_env", "patterns", "headers", "affinity")
 _KEY_FIELDS = ("name", "key", "key_file", "models", "headers")
 
 
@@ -219,6 +220,7 @@ class _Loader:
             patterns=_patterns(raw.get("patterns"), f"{path}.patterns"),
             headers=self.headers(raw.get("headers"), f"{path}.headers"),
             key_files=key_files,
+            affinity=_flag(raw.get("affinity", True), f"{path}.affinity"),
         )
 
     def keys(self, provider: str, raw: Mapping[str, Any], path: str) -> tuple[tuple[Key, ...], tuple[str, ...]]:
@@ -422,6 +424,12 @@ def _mapping(raw: Any, path: str, allowed: tuple[str, ...] | None = None) -> Non
         if key not in allowed:
             where = f"{path}.{key}" if path else str(key)
             raise ConfigError(where, f"unknown field (expected one of: {', '.join(allowed)})")
+
+
+def _flag(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, "must be true or false")
+    return value
 
 
 def _choice(value: Any, path: str, choices: tuple[str, ...]) -> str:

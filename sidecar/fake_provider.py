@@ -95,6 +95,9 @@ class FakeProvider:
         self.active = 0  # requests being answered now
         self.cancelled = 0  # requests whose client went away before the answer ended
         self.completed = 0
+        # Resources exist for the key that made them, as upstream: another key gets a 404.
+        self.owners: dict[str, str | None] = {}
+        self._made = 0
         # Fast mode (the benchmark's upstream): canned answers, no rules, no parsing, no log.
         self.fast = fast
         self._canned = json.dumps(_completion("openai", "gpt-4o-mini", "/v1/chat/completions")).encode()
@@ -180,6 +183,8 @@ class FakeProvider:
             return await self._fault(request, rule, shape)
         if rule is not None and rule.status >= 400:
             return _rule_error(shape, rule, key or "", model)
+        if (owned := self._resources(request, key, body)) is not None:
+            return owned
         stream = bool(body.get("stream")) or request.path.endswith(":streamGenerateContent")
         if stream:
             events = rule.events if rule and rule.events is not None else self.events
@@ -227,8 +232,34 @@ class FakeProvider:
             while chunk := await part.read_chunk(256 * 1024):
                 size += len(chunk)
                 digest.update(chunk)
-        answer = {"id": "file-fake", "object": "file", "bytes": size, "purpose": purpose, "sha256": digest.hexdigest()}
+        file_id = self._make("file-", key)
+        answer = {"id": file_id, "object": "file", "bytes": size, "purpose": purpose, "sha256": digest.hexdigest()}
         return web.json_response(answer)
+
+    def _make(self, prefix: str, key: str | None) -> str:
+        self._made += 1
+        resource = f"{prefix}{self._made}"
+        self.owners[resource] = key
+        return resource
+
+    def _resources(self, request: web.Request, key: str | None, body: dict[str, Any]) -> web.Response | None:
+        """Files, batches and stored responses: made for one key, invisible to the others."""
+        named = re.findall(r"(?:file-|batch_|resp_)\d+", request.path)
+        named += [body[f] for f in ("input_file_id", "previous_response_id", "file_id") if isinstance(body.get(f), str)]
+        for resource in named:
+            if self.owners.get(resource, key) != key:
+                return _error("openai", 404, "bad_request", f"No such object: {resource}")
+        path, method = request.path, request.method
+        if method == "POST" and path.endswith("/responses") and not body.get("stream"):
+            return web.json_response(_response(self._make("resp_", key), body.get("model")))
+        if method == "POST" and path.endswith("/batches"):
+            batch = {"id": self._make("batch_", key), "object": "batch", "endpoint": body.get("endpoint")}
+            batch |= {"input_file_id": body.get("input_file_id"), "completion_window": "24h", "status": "validating"}
+            return web.json_response({**batch, "created_at": 0})
+        if method == "GET" and re.search(r"/files/file-\d+$", path):
+            file = {"id": path.rsplit("/", 1)[1], "object": "file", "bytes": 0, "created_at": 0}
+            return web.json_response({**file, "filename": "data.jsonl", "purpose": "batch", "status": "processed"})
+        return None
 
     async def _fault(self, request: web.Request, rule: Rule, shape: str) -> web.StreamResponse:
         transport = request.transport
@@ -443,6 +474,14 @@ def _completion(shape: str, model: str | None, path: str) -> dict[str, Any]:
         ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
     }
+
+
+def _response(response_id: str, model: str | None) -> dict[str, Any]:
+    text = {"type": "output_text", "text": "Hello from the fake provider.", "annotations": []}
+    message = {"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed", "content": [text]}
+    usage = {"input_tokens": 12, "output_tokens": 7, "total_tokens": 19}
+    return {"id": response_id, "object": "response", "created_at": 0, "status": "completed", "model": model,
+            "output": [message], "usage": usage}  # fmt: skip
 
 
 def _sse_events(shape: str, model: str | None, body: dict[str, Any], count: int) -> list[bytes]:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from sidecar.affinity import Owner
 from sidecar.classify import Verdict
 from sidecar.config import RetryConfig
 from sidecar.health import ALL_MODELS, Clock, HealthStore, KeyStatus
@@ -111,7 +112,11 @@ class Plan(Generic[U]):
         retry: RetryConfig,
         clock: Clock,
         observer: Observer,
+        pin: tuple[str, Owner] | None = None,
     ) -> None:
+        self.pin = pin  # (resource, the key that created it): the only key this request may use
+        if pin is not None:
+            upstreams = [u for u in upstreams if u.name == pin[1].provider]
         self.upstreams = tuple(upstreams)
         self.model_for = model_for
         self.retry = retry
@@ -149,7 +154,7 @@ class Plan(Generic[U]):
                 continue
             model = self.model_for(upstream)
             tried = self._tried.setdefault(upstream.name, set())
-            key = upstream.selector.choose(model, tried)
+            key = upstream.selector.choose(model, tried | self._not_pinned(upstream))
             if key is None:
                 self._done.add(upstream.name)
                 self.provider_outcomes.setdefault(upstream.name, Outcome.NO_KEY_AVAILABLE)
@@ -165,6 +170,12 @@ class Plan(Generic[U]):
             self.keys_tried.append(attempt.label)
             return attempt
         return None
+
+    def _not_pinned(self, upstream: U) -> set[str]:
+        """The keys a pinned request must not use: every key but its resource's creator."""
+        if self.pin is None:
+            return set()
+        return {key.name for key in upstream.selector.keys if key.name != self.pin[1].key}
 
     def _finished(self, attempt: Attempt[U]) -> None:
         verdict = attempt.verdict
@@ -185,6 +196,8 @@ class Plan(Generic[U]):
 
     def no_key(self) -> LocalAnswer:
         """No key could take the request at all: 503, or 429 when every one is only rate-limited."""
+        if self.pin is not None:
+            return self._pinned_key_unavailable()
         now = self.clock()
         model = ""
         blocked: list[tuple[str, KeyStatus]] = []
@@ -208,6 +221,27 @@ class Plan(Generic[U]):
             Outcome.NO_KEY_AVAILABLE,
             min(waits) if waits else None,
         )
+
+
+    def _pinned_key_unavailable(self) -> LocalAnswer:
+        """The resource's creator cannot serve it: say which key and why, not another key's 404."""
+        assert self.pin is not None
+        resource, owner = self.pin
+        made = f"keymux: {resource} was created with key {owner.provider}/{owner.key}"
+        upstream = self.upstreams[0] if self.upstreams else None
+        keys = {key.name: key for key in upstream.selector.keys} if upstream is not None else {}
+        if upstream is None or owner.key not in keys:
+            message = f"{made}, which is no longer configured"
+            return LocalAnswer(404, "resource_key_removed", message, Outcome.NO_KEY_AVAILABLE)
+        model = self.model_for(upstream)
+        status = upstream.health.blocker(owner.key, model)
+        if status is None:  # not resting: its allow-list leaves this model out
+            message = f"{made}, which may not serve model '{model}'"
+            return LocalAnswer(503, "resource_key_unavailable", message, Outcome.NO_KEY_AVAILABLE)
+        limited = status.last_outcome is Outcome.RATE_LIMITED
+        wait = None if status.until is None else status.until - self.clock()
+        message = f"{made}, which cannot serve it now: {_describe(owner.provider, status, self.clock())}"
+        return LocalAnswer(429 if limited else 503, "resource_key_unavailable", message, Outcome.NO_KEY_AVAILABLE, wait)
 
 
 def _describe(provider: str, status: KeyStatus, now: float) -> str:

@@ -22,6 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
 from sidecar.accesslog import AccessLog
+from sidecar.affinity import Owner, created_id, creates_resource
 from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
@@ -157,7 +158,9 @@ class Exchange:
         rejected = self._take_path(route.prefix) or await self._read_body()
         if rejected is not None:
             return rejected
-        plan = self.plan = Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self)
+        plan = self.plan = Plan(
+            self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self, self._pin()
+        )
         attempt = plan.next()
         if attempt is None:
             return self.local(plan.no_key())
@@ -170,6 +173,28 @@ class Exchange:
                 return await self._give_last_answer(result)
             if result.response is not None:
                 result.response.close()
+
+    def _pin(self) -> tuple[str, Owner] | None:
+        """The resource this request names and the key that created it, when that key's
+        provider is on the route and keeps affinity: the only key the request may use."""
+        found = self.rt.affinity.pin(self.path, self.body if self.spool is None else self.spool.head)
+        if found is None:
+            return None
+        owner = found[1]
+        on_route = any(p.name == owner.provider and p.config.affinity for p in self.providers)
+        return found if on_route else None
+
+    def _learn_resource(self, attempt: Attempt[Provider], relay: Relay) -> None:
+        """A create answer names the resource it made: remember which key made it."""
+        provider = attempt.provider
+        usage = relay.usage
+        if usage is None or not provider.config.affinity:
+            return
+        if not creates_resource(self.request.method, self.path.partition("?")[0]):
+            return
+        resource = created_id(usage.head or b"")
+        if resource is not None:
+            self.rt.affinity.learn(resource, Owner(provider.name, attempt.key.name))
 
     def _authorised(self) -> bool:
         security = self.rt.config.security
@@ -318,6 +343,7 @@ class Exchange:
             if relay is not None and relay.usage is not None and final.outcome is Outcome.SUCCESS:
                 for kind, count in relay.usage.counts().items():
                     self.metrics.tokens(provider.name, attempt.key.name, self._model_label(), kind).inc(count)
+                self._learn_resource(attempt, relay)
             if response is not None and held is None:
                 response.close()
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from sidecar.affinity import Affinity
 from sidecar.classify import Patterns
 from sidecar.config import Config, ProviderConfig, Route
 from sidecar.health import ALL_MODELS, Clock, LocalHealth
@@ -48,6 +49,8 @@ class Runtime:
     def __init__(self, config: Config, clock: Clock, previous: Runtime | None = None) -> None:
         self.config = config
         self.clock = clock
+        # Which key made which resource outlives a reload: the resources still exist upstream.
+        self.affinity: Affinity = previous.affinity if previous is not None else Affinity(clock)
         self.redact = Redactor(config.secrets())
         self.providers: dict[str, Provider] = {}
         for name, pc in config.providers.items():

@@ -249,3 +249,91 @@ async def test_a_200_mib_upload_through_a_real_keymux_keeps_its_memory_flat(fake
     assert peak - before <= 32 * 1024, f"resident memory peak grew {(peak - before) / 1024:.0f} MiB"
     assert held == []  # the spooled body went with its request
     assert list(spool.iterdir()) == []
+
+
+# -- resource affinity ------------------------------------------------------------------------
+
+
+def sdk(km: Running) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=km.url + "/v1", api_key="placeholder-key", max_retries=0)
+
+
+def jsonl() -> io.BytesIO:
+    data = io.BytesIO(b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n')
+    data.name = "batch.jsonl"
+    return data
+
+
+async def test_a_file_and_what_uses_it_go_to_the_key_that_uploaded_it(fake: FakeServer, keymux: StartKeymux) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
+    client = sdk(km)
+    try:
+        uploaded = await client.files.create(file=jsonl(), purpose="batch")
+        retrieved = [await client.files.retrieve(uploaded.id) for _ in range(3)]
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        for _ in range(2):
+            await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await client.close()
+
+    assert [f.id for f in retrieved] == [uploaded.id] * 3
+    assert batch.input_file_id == uploaded.id
+    # Round-robin would have sent the second and fourth requests to b, which answers 404 for a's file;
+    # chat completions, naming no resource, rotate as ever.
+    assert fake.provider.keys_seen() == [A, A, A, A, A, A, B]
+    assert "placeholder-key" not in {s.headers.get("Authorization", "") for s in fake.provider.seen}
+
+
+async def test_a_stored_response_is_continued_on_the_key_that_stored_it(fake: FakeServer, keymux: StartKeymux) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
+    client = sdk(km)
+    try:
+        first = await client.responses.create(model="gpt-4o", input="hi")
+        second = await client.responses.create(model="gpt-4o", input="and?", previous_response_id=first.id)
+        third = await client.responses.create(model="gpt-4o", input="so?", previous_response_id=second.id)
+    finally:
+        await client.close()
+
+    assert third.output_text == "Hello from the fake provider."
+    assert fake.provider.keys_seen() == [A, A, A]
+
+
+async def test_when_the_creator_key_is_revoked_the_app_is_told_which_key_and_resource(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
+    client = sdk(km)
+    try:
+        uploaded = await client.files.create(file=jsonl(), purpose="batch")
+        fake.provider.revoked.add(A)
+        with pytest.raises(openai.AuthenticationError):  # the provider's own 401, from a
+            await client.files.retrieve(uploaded.id)
+        with pytest.raises(openai.APIStatusError) as caught:  # a is disabled now: keymux says so
+            await client.files.retrieve(uploaded.id)
+    finally:
+        await client.close()
+
+    error = caught.value
+    assert error.status_code == 503
+    assert error.body["code"] == "resource_key_unavailable"
+    assert error.body["message"].startswith(
+        f"keymux: {uploaded.id} was created with key openai/a, which cannot serve it now: "
+        "openai/a disabled for every model after credential_error for 600 s"
+    )
+    assert fake.provider.keys_seen() == [A, A]  # never b, which would have answered a confusing 404
+
+
+async def test_affinity_off_keeps_round_robin_for_keys_of_one_project(fake: FakeServer, keymux: StartKeymux) -> None:
+    config = openai_config(fake.url, {"a": A, "b": B}).replace("type: openai\n", "type: openai\n    affinity: false\n")
+    km = await keymux(config)
+    client = sdk(km)
+    try:
+        uploaded = await client.files.create(file=jsonl(), purpose="batch")
+        with pytest.raises(openai.NotFoundError):  # b cannot see a's file here (a fake with one project per key)
+            await client.files.retrieve(uploaded.id)
+    finally:
+        await client.close()
+
+    assert fake.provider.keys_seen() == [A, B]
