@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, WSMsgType, web
 
 FAULTS = (
     "reset_before_headers",  # close the connection without answering
@@ -155,6 +155,8 @@ class FakeProvider:
             self.completed += 1
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
         if request.path.endswith("/files") and request.content_type == "multipart/form-data":
             return await self._upload(request)
         raw = await request.read()
@@ -235,6 +237,34 @@ class FakeProvider:
         file_id = self._make("file-", key)
         answer = {"id": file_id, "object": "file", "bytes": size, "purpose": purpose, "sha256": digest.hexdigest()}
         return web.json_response(answer)
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """A Realtime-like session: `session.created`, then each event echoed back; binary frames
+        come back reversed; {"type": "close", "code": N, "reason": R} closes with that code."""
+        key = _key_of(request) or request.query.get("key")
+        model = request.query.get("model") or request.query.get("deployment")
+        self.seen.append(Seen("GET", request.path, request.query_string, key, model, "openai", dict(request.headers)))
+        if not key or key in self.revoked:
+            return _error("openai", 401, "credential", _invalid_key_message("openai", key))
+        rule = next((r for r in self.rules if r.applies(key, model)), None)
+        if rule is not None and rule.times is not None:
+            rule.times -= 1
+        if rule is not None and rule.status >= 400:
+            return _rule_error("openai", rule, key, model)
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        ws = web.WebSocketResponse(protocols=offered[:1])
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"type": "session.created", "session": {"model": model}, "protocols": offered}))
+        async for message in ws:
+            if message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+                continue
+            event = json.loads(message.data)
+            if event.get("type") == "close":
+                await ws.close(code=int(event["code"]), message=str(event["reason"]).encode())
+                break
+            await ws.send_str(json.dumps({"type": "echo", "event": event}))
+        return ws
 
     def _make(self, prefix: str, key: str | None) -> str:
         self._made += 1

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar import websocket
 from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
 from sidecar.accesslog import AccessLog
 from sidecar.affinity import Owner, created_id, creates_resource
@@ -134,6 +135,7 @@ class Exchange:
         self.answer: LocalAnswer | None = None  # set when keymux answered itself
         self.answer_bytes = 0
         self.relay: Relay | None = None  # the answer being (or last) forwarded
+        self.upgraded = False  # a WebSocket session was opened with the app
         self.status = 0
         self.ttfb: float | None = None
         self.upstream_time = 0.0  # waiting for upstream headers
@@ -141,7 +143,7 @@ class Exchange:
     @property
     def prepared(self) -> bool:
         """The answer's headers went to the app: no retry, no other answer."""
-        return self.relay is not None and self.relay.prepared
+        return self.upgraded or (self.relay is not None and self.relay.prepared)
 
     # -- the flow --------------------------------------------------------------------------
 
@@ -155,7 +157,13 @@ class Exchange:
             return self._unknown_route()
         route, self.providers = found
         self.route_label = route.prefix or "/"
-        rejected = self._take_path(route.prefix) or await self._read_body()
+        rejected = self._take_path(route.prefix)
+        if rejected is not None:
+            return rejected
+        if websocket.is_websocket(self.request):
+            self.plan = Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self)
+            return await websocket.serve(self)
+        rejected = await self._read_body()
         if rejected is not None:
             return rejected
         plan = self.plan = Plan(
@@ -294,6 +302,9 @@ class Exchange:
                 found = spec.find_model(path, body, content_type)
                 if found:
                     break
+            if not found:  # a WebSocket names it in the query (Realtime ?model=, Azure ?deployment=)
+                query = self.request.rel_url.query
+                found = query.get("model") or query.get("deployment")
             model = (found or "")[:256]
             self._models[spec.model_location] = model
             if self.model is None and model:

@@ -337,3 +337,69 @@ async def test_affinity_off_keeps_round_robin_for_keys_of_one_project(fake: Fake
         await client.close()
 
     assert fake.provider.keys_seen() == [A, B]
+
+
+# -- WebSockets -------------------------------------------------------------------------------
+
+
+async def test_a_realtime_session_through_the_official_sdk_uses_a_real_key_and_relays_both_ways(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    fake.provider.revoked.add(A)  # the handshake with a is refused: b is tried before the app sees anything
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
+    client = sdk(km)
+    try:
+        async with client.realtime.connect(model="gpt-realtime") as connection:
+            created = json.loads(await connection.recv_bytes())
+            await connection.send({"type": "session.update", "session": {"type": "realtime", "instructions": "hi"}})
+            echoed = json.loads(await connection.recv_bytes())
+    finally:
+        await client.close()
+
+    assert created["type"] == "session.created" and created["session"]["model"] == "gpt-realtime"
+    assert echoed == {"type": "echo", "event": {"type": "session.update", "session": {"type": "realtime", "instructions": "hi"}}}
+    assert [(s.key, s.model) for s in fake.provider.seen] == [(A, "gpt-realtime"), (B, "gpt-realtime")]
+    assert all("placeholder-key" not in str(s.headers) for s in fake.provider.seen)
+    samples = await settle(km)
+    assert family(samples, "keymux_upstream_attempts_total") == {
+        labels(provider="openai", key="a", model="gpt-realtime", outcome="credential_error"): 1,
+        labels(provider="openai", key="b", model="gpt-realtime", outcome="success"): 1,
+    }
+    assert family(samples, "keymux_requests_total") == {
+        labels(route="/", provider="openai", model="gpt-realtime", outcome="success"): 1
+    }
+
+
+async def test_frames_close_codes_and_subprotocols_pass_through_and_a_credential_subprotocol_does_not(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A}))
+    protocols = ("realtime", "openai-insecure-api-key.sk-app-own-key-0000", "openai-beta.realtime-v1")
+    async with km.session.ws_connect(km.url + "/v1/realtime?model=gpt-realtime", protocols=protocols) as ws:
+        created = json.loads((await ws.receive()).data)
+        await ws.send_bytes(b"\x01\x02\x03")
+        reversed_back = (await ws.receive()).data
+        await ws.send_str(json.dumps({"type": "close", "code": 4001, "reason": "session over"}))
+        closing = await ws.receive()
+
+    assert ws.protocol == "realtime"
+    assert created["protocols"] == ["realtime", "openai-beta.realtime-v1"]  # the app's key never went up
+    assert reversed_back == b"\x03\x02\x01"
+    assert (closing.type, closing.data, closing.extra) == (aiohttp.WSMsgType.CLOSE, 4001, "session over")
+    [seen] = fake.provider.seen
+    assert seen.key == A
+
+
+async def test_a_handshake_every_key_refuses_is_answered_with_the_providers_status(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
+    fake.provider.script(status=429, headers={"retry-after": "7"})
+
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await km.session.ws_connect(km.url + "/v1/realtime?model=gpt-realtime")
+
+    assert caught.value.status == 429
+    assert fake.provider.keys_seen() == [A, B]
+    rows = {(r["key"], r["model"]): r["state"] for r in km.sidecar.key_table()}
+    assert rows[("a", "gpt-realtime")] == rows[("b", "gpt-realtime")] == "cooling"
