@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import brotli  # type: ignore[import-untyped]
+
 from sidecar.keys import Key
 
 # Whatever credential the app sent is removed before forwarding (it is a placeholder at best,
@@ -158,11 +160,7 @@ def decoded_prefix(content_encoding: str, body: bytes, limit: int = MODEL_PREFIX
         return b""
     if encoding == "br":
         try:
-            import brotli  # type: ignore[import-not-found]  # optional, as for aiohttp itself
-        except ImportError:
-            return b""
-        try:
-            return bytes(brotli.Decompressor().process(body)[:limit])
+            return bytes(brotli.Decompressor().process(body, output_buffer_limit=limit)[:limit])
         except brotli.error:
             return b""
     return b""

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import brotli
 import openai
 import pytest
 
@@ -81,7 +82,7 @@ async def test_a_body_over_the_limit_gets_413_instead_of_100_continue(fake: Fake
 
 @pytest.mark.parametrize(
     ("encoding", "compress"),
-    [("gzip", gzip.compress), ("deflate", zlib.compress)],
+    [("gzip", gzip.compress), ("deflate", zlib.compress), ("br", brotli.compress)],
 )
 async def test_an_encoded_request_body_is_forwarded_byte_for_byte_and_its_model_is_found(
     fake: FakeServer, keymux: StartKeymux, encoding: str, compress

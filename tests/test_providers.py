@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import hmac
 import json
+import zlib
 from dataclasses import replace
 
+import brotli
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar import runtime
-from sidecar.providers import PROVIDERS, model_from_json
+from sidecar.providers import PROVIDERS, decoded_prefix, model_from_json
 from sidecar.redact import MASK, MAX_LEARNED, PIECE, Redactor
 from tests.conftest import FakeServer, StartKeymux, openai_config
 
@@ -122,3 +125,26 @@ def test_the_redactor_remembers_a_bounded_number_of_learned_secrets() -> None:
 )
 def test_each_provider_knows_the_terminal_event_of_its_streams(type_: str, tail: bytes, ends: bool) -> None:
     assert PROVIDERS[type_].ends_stream(tail) is ends
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda data: zlib.compressobj(wbits=-zlib.MAX_WBITS).compress(data) + zlib.compressobj(wbits=-zlib.MAX_WBITS).flush()),
+        ("br", brotli.compress),
+    ],
+)
+def test_an_encoded_body_is_read_only_up_to_its_bound_however_far_it_inflates(encoding: str, compress) -> None:
+    bomb = compress(b'{"model": "gpt-4o", "messages": "' + b"0" * (64 * 1024 * 1024) + b'"}')
+
+    prefix = decoded_prefix(encoding, bomb, limit=1024)
+
+    assert prefix.startswith(b'{"model": "gpt-4o"') and len(prefix) == 1024
+
+
+def test_a_body_in_an_unknown_or_broken_encoding_yields_nothing_to_read() -> None:
+    assert decoded_prefix("zstd", b"\x28\xb5\x2f\xfd") == b""
+    assert decoded_prefix("gzip", b"not gzip at all") == b""
+    assert decoded_prefix("br", b"not brotli") == b""
