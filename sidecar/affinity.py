@@ -32,6 +32,8 @@ _IN_FIELD = re.compile(rb'"(?:' + _FIELDS + rb')"\s*:\s*"([^"\\]{1,256})"')
 _IN_LIST = re.compile(rb'"(?:file_ids|vector_store_ids)"\s*:\s*\[([^\]]{0,65536})\]')
 _STRING = re.compile(rb'"([^"\\]{1,256})"')
 _GEMINI_URI = re.compile(rb'"fileUri"\s*:\s*"[^"]*/(files/[a-z0-9][a-z0-9\-]{0,63})"')
+# A Gemini resumable upload goes on at the URL its start answered with: the session is its upload_id.
+_UPLOAD_ID = re.compile(r"[?&]upload_id=([A-Za-z0-9._\-]{1,512})")
 
 CAPACITY = 100_000  # resources remembered, least recently used forgotten first
 TTL = 30 * 86400.0  # seconds a resource is remembered after it was last named (Responses keep 30 days)
@@ -56,9 +58,19 @@ def created_id(answer_head: bytes) -> str | None:
     return match.group(1).decode() if match else None
 
 
+def upload_session(url: str) -> str | None:
+    """The resumable upload a URL belongs to (Gemini's `X-Goog-Upload-URL`), as a resource name."""
+    match = _UPLOAD_ID.search(url)
+    return f"upload_id={match.group(1)}" if match else None
+
+
 def referenced_ids(path: str, body: bytes) -> list[str]:
-    """The resources a request names: in its path, or in the body fields that refer to one."""
-    found = [m.group(1) for m in _IN_PATH.finditer(path)]
+    """The resources a request names: in its path (query included), or in the body fields that
+    refer to one."""
+    route, _, query = path.partition("?")
+    found = [m.group(1) for m in _IN_PATH.finditer(route)]
+    if query and (session := upload_session("?" + query)) is not None:
+        found.append(session)
     if body:
         found += [m.group(1).decode("utf-8", "replace") for m in _IN_FIELD.finditer(body)]
         for listed in _IN_LIST.finditer(body):

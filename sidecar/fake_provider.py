@@ -97,6 +97,7 @@ class FakeProvider:
         self.completed = 0
         # Resources exist for the key that made them, as upstream: another key gets a 404.
         self.owners: dict[str, str | None] = {}
+        self.uploads: dict[str, bytearray] = {}  # Gemini resumable uploads in progress
         self._made = 0
         # Fast mode (the benchmark's upstream): canned answers, no rules, no parsing, no log.
         self.fast = fast
@@ -159,6 +160,8 @@ class FakeProvider:
             return await self._websocket(request)
         if request.path.endswith("/files") and request.content_type == "multipart/form-data":
             return await self._upload(request)
+        if "/v1beta/files" in request.path:
+            return await self._gemini_file(request)
         raw = await request.read()
         if request.content_type == "multipart/form-data":  # audio and image uploads: the model is a field
             body: Any = _form_fields(request.headers["Content-Type"], raw)
@@ -254,6 +257,8 @@ class FakeProvider:
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         ws = web.WebSocketResponse(protocols=offered[:1])
         await ws.prepare(request)
+        if request.path.endswith("BidiGenerateContent"):
+            return await _gemini_live(ws)
         await ws.send_str(json.dumps({"type": "session.created", "session": {"model": model}, "protocols": offered}))
         async for message in ws:
             if message.type is WSMsgType.BINARY:
@@ -266,6 +271,37 @@ class FakeProvider:
             await ws.send_str(json.dumps({"type": "echo", "event": event}))
         return ws
 
+    async def _gemini_file(self, request: web.Request) -> web.StreamResponse:
+        """Gemini's resumable upload (start, then chunks at the URL it answered) and files.get."""
+        key = _key_of(request) or request.query.get("key")
+        raw = await request.read()
+        headers = dict(request.headers)
+        self.seen.append(Seen(request.method, request.path, request.query_string, key, None, "gemini", headers))
+        if not key or key in self.revoked:
+            return _error("gemini", 400, "credential", _invalid_key_message("gemini", key))
+        command = request.headers.get("X-Goog-Upload-Command", "")
+        if command == "start":
+            session = self._make("upload-", key)
+            self.uploads[session] = bytearray()
+            url = f"{request.scheme}://{request.host}/upload/v1beta/files?upload_id={session}&upload_protocol=resumable"
+            return web.Response(headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"})
+        if "upload" in command:
+            session = request.query.get("upload_id", "")
+            if session not in self.uploads or self.owners.get(session) != key:
+                return _error("gemini", 404, "bad_request", f"No upload session {session} for this key.")
+            self.uploads[session] += raw
+            if "finalize" not in command:
+                return web.Response(headers={"X-Goog-Upload-Status": "active"})
+            name = self._make("files/f", key)
+            size = len(self.uploads.pop(session))
+            file = {"name": name, "mimeType": "text/plain", "sizeBytes": str(size), "state": "ACTIVE"}
+            file["uri"] = f"{request.scheme}://{request.host}/v1beta/{name}"
+            return web.json_response({"file": file}, headers={"X-Goog-Upload-Status": "final"})
+        name = "files/" + request.path.rsplit("/", 1)[1]
+        if self.owners.get(name, key) != key or name not in self.owners:
+            return _error("gemini", 403, "model_access", f"You do not have permission to access the File {name}.")
+        return web.json_response({"name": name, "mimeType": "text/plain", "state": "ACTIVE"})
+
     def _make(self, prefix: str, key: str | None) -> str:
         self._made += 1
         resource = f"{prefix}{self._made}"
@@ -275,9 +311,12 @@ class FakeProvider:
     def _resources(self, request: web.Request, key: str | None, body: dict[str, Any]) -> web.Response | None:
         """Files, batches and stored responses: made for one key, invisible to the others."""
         named = re.findall(r"(?:file-|batch_|resp_)\d+", request.path)
+        named += re.findall(r"files/f\d+", json.dumps(body.get("contents", "")))
         named += [body[f] for f in ("input_file_id", "previous_response_id", "file_id") if isinstance(body.get(f), str)]
         for resource in named:
             if self.owners.get(resource, key) != key:
+                if resource.startswith("files/"):  # Gemini: another project's file is forbidden
+                    return _error("gemini", 403, "model_access", f"You do not have permission to access {resource}.")
                 return _error("openai", 404, "bad_request", f"No such object: {resource}")
         path, method = request.path, request.method
         if method == "POST" and path.endswith("/responses") and not body.get("stream"):
@@ -504,6 +543,19 @@ def _completion(shape: str, model: str | None, path: str) -> dict[str, Any]:
         ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
     }
+
+
+async def _gemini_live(ws: web.WebSocketResponse) -> web.WebSocketResponse:
+    """Gemini Live: the setup is acknowledged, then every client turn gets one model turn."""
+    async for message in ws:
+        event = json.loads(message.data)
+        if "setup" in event:
+            await ws.send_str(json.dumps({"setupComplete": {}}))
+            continue
+        text = f"echo from {event.get('setup', {}).get('model', 'the fake provider')}"
+        turn = {"modelTurn": {"role": "model", "parts": [{"text": text}]}, "turnComplete": True}
+        await ws.send_str(json.dumps({"serverContent": turn}))
+    return ws
 
 
 def _response(response_id: str, model: str | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar import websocket
 from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
 from sidecar.accesslog import AccessLog
-from sidecar.affinity import Owner, created_id, creates_resource
+from sidecar.affinity import Owner, created_id, creates_resource, upload_session
 from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
@@ -182,6 +182,14 @@ class Exchange:
             if result.response is not None:
                 result.response.close()
 
+    def app_url(self, upstream_url: str, base_url: str) -> str:
+        """An upstream URL the app is told to call next, made to point back at keymux."""
+        if not upstream_url.startswith(base_url + "/"):
+            return upstream_url  # somewhere else: left as the provider said
+        request = self.request
+        prefix = "" if self.route_label == "/" else self.route_label
+        return f"{request.scheme}://{request.host}{prefix}{upstream_url[len(base_url):]}"
+
     def _pin(self) -> tuple[str, Owner] | None:
         """The resource this request names and the key that created it, when that key's
         provider is on the route and keeps affinity: the only key the request may use."""
@@ -195,12 +203,12 @@ class Exchange:
     def _learn_resource(self, attempt: Attempt[Provider], relay: Relay) -> None:
         """A create answer names the resource it made: remember which key made it."""
         provider = attempt.provider
-        usage = relay.usage
-        if usage is None or not provider.config.affinity:
+        if not provider.config.affinity or not creates_resource(self.request.method, self.path.partition("?")[0]):
             return
-        if not creates_resource(self.request.method, self.path.partition("?")[0]):
-            return
-        resource = created_id(usage.head or b"")
+        upload = relay.response.headers.get("X-Goog-Upload-URL")
+        resource = upload_session(upload) if upload else None
+        if resource is None and relay.usage is not None:
+            resource = created_id(relay.usage.head or b"")
         if resource is not None:
             self.rt.affinity.learn(resource, Owner(provider.name, attempt.key.name))
 
@@ -346,14 +354,15 @@ class Exchange:
             if verdict.outcome.retryable:
                 held = _Held(response, prefix)
                 return held
-            relay = self.relay = Relay(self, provider.spec, response, prefix, verdict)
+            relay = self.relay = Relay(self, provider, response, prefix, verdict)
             return await relay.run()
         finally:
             final = relay.verdict if relay is not None else verdict
             attempt.finish(final)
-            if relay is not None and relay.usage is not None and final.outcome is Outcome.SUCCESS:
-                for kind, count in relay.usage.counts().items():
-                    self.metrics.tokens(provider.name, attempt.key.name, self._model_label(), kind).inc(count)
+            if relay is not None and final.outcome is Outcome.SUCCESS:
+                if relay.usage is not None:
+                    for kind, count in relay.usage.counts().items():
+                        self.metrics.tokens(provider.name, attempt.key.name, self._model_label(), kind).inc(count)
                 self._learn_resource(attempt, relay)
             if response is not None and held is None:
                 response.close()
@@ -409,7 +418,7 @@ class Exchange:
             return self.local(self.plan.exhausted())
         last = self.plan.last if self.plan else None
         assert last is not None and last.verdict is not None
-        relay = self.relay = Relay(self, last.provider.spec, held.response, held.prefix, last.verdict, usage=False)
+        relay = self.relay = Relay(self, last.provider, held.response, held.prefix, last.verdict, usage=False)
         try:
             return await relay.run()
         finally:
@@ -536,6 +545,7 @@ class Relay:
         "last_chunk",
         "prefix",
         "prepared",
+        "provider",
         "response",
         "spec",
         "streaming_time",
@@ -546,14 +556,15 @@ class Relay:
     def __init__(
         self,
         exchange: Exchange,
-        spec: ProviderSpec,
+        provider: Provider,
         response: aiohttp.ClientResponse,
         prefix: bytes,
         verdict: Verdict,
         usage: bool = True,
     ) -> None:
         self.exchange = exchange
-        self.spec = spec
+        self.provider = provider
+        self.spec = provider.spec
         self.response = response
         self.prefix = prefix
         self._headers_verdict = verdict
@@ -574,6 +585,9 @@ class Relay:
         exchange.status = response.status
         out = web.StreamResponse(status=response.status, reason=response.reason)
         length_known = _copy_response_headers(response.headers, out)
+        if (upload := out.headers.get("X-Goog-Upload-URL")) is not None:
+            # A resumable upload goes on at the URL the start answered: through keymux, not around it.
+            out.headers["X-Goog-Upload-URL"] = exchange.app_url(upload, self.provider.config.base_url)
         scrub = self._scrubber()
         if length_known and not isinstance(scrub, BodyScrubber):  # redaction may change an error body's length
             out.content_length = response.content_length

@@ -21,6 +21,8 @@ import aiohttp
 import brotli
 import openai
 import pytest
+from google import genai
+from google.genai import types as genai_types
 
 from tests.conftest import FakeServer, Running, StartKeymux, openai_config
 from tests.test_accesslog import REPO, free_port
@@ -404,3 +406,58 @@ async def test_a_handshake_every_key_refuses_is_answered_with_the_providers_stat
     assert fake.provider.keys_seen() == [A, B]
     rows = {(r["key"], r["model"]): r["state"] for r in km.sidecar.key_table()}
     assert rows[("a", "gpt-realtime")] == rows[("b", "gpt-realtime")] == "cooling"
+
+
+# -- Gemini through google-genai --------------------------------------------------------------
+
+
+def gemini_config(fake: FakeServer) -> str:
+    return (
+        f"providers:\n  gemini:\n    type: gemini\n    base_url: {fake.url}\n    keys:\n"
+        f"      - name: a\n        key: {A}\n      - name: b\n        key: {B}\n"
+    )
+
+
+def genai_client(km: Running) -> genai.Client:
+    return genai.Client(api_key="placeholder-key", http_options={"base_url": km.url, "api_version": "v1beta"})
+
+
+async def test_a_gemini_file_upload_and_its_use_stay_on_the_uploading_key(fake: FakeServer, keymux: StartKeymux) -> None:
+    km = await keymux(gemini_config(fake))
+    client = genai_client(km)
+    try:
+        uploaded = await client.aio.files.upload(file=io.BytesIO(b"hello " * 1000), config={"mime_type": "text/plain"})
+        fetched = await client.aio.files.get(name=uploaded.name)
+        answer = await client.aio.models.generate_content(
+            model="gemini-2.0-flash",
+            contents=[genai_types.Part.from_uri(file_uri=uploaded.uri, mime_type="text/plain"), "Summarise it."],
+        )
+    finally:
+        await client.aio.aclose()
+
+    assert (fetched.name, int(uploaded.size_bytes)) == (uploaded.name, 6000)
+    assert answer.text == "Hello from the fake provider."
+    # Start, the upload at the URL it answered, get, generate: all with a (round-robin would alternate).
+    assert fake.provider.keys_seen() == [A, A, A, A]
+    assert all("placeholder-key" not in str(s.headers) for s in fake.provider.seen)
+    samples = await settle(km)
+    assert samples[("keymux_upstream_attempts_total", labels(provider="gemini", key="a", model="gemini-2.0-flash", outcome="success"))] == 1
+
+
+async def test_a_gemini_live_session_gets_a_real_key_past_a_revoked_one(fake: FakeServer, keymux: StartKeymux) -> None:
+    """google-genai dials Live over wss:// whenever it has an API key, so this drives the same
+    handshake and messages with aiohttp over plain ws:// (the sidecar listens on loopback HTTP)."""
+    fake.provider.revoked.add(A)
+    km = await keymux(gemini_config(fake))
+    path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key=placeholder-key"
+
+    async with km.session.ws_connect(km.url + path) as ws:
+        await ws.send_str(json.dumps({"setup": {"model": "models/gemini-live-2.5-flash"}}))
+        setup = json.loads((await ws.receive()).data)
+        await ws.send_str(json.dumps({"clientContent": {"turns": [{"role": "user", "parts": [{"text": "hi"}]}]}}))
+        turn = json.loads((await ws.receive()).data)
+
+    assert setup == {"setupComplete": {}}
+    assert turn["serverContent"]["modelTurn"]["parts"] == [{"text": "echo from the fake provider"}]
+    assert fake.provider.keys_seen() == [A, B]  # a's handshake refused: b, before the app saw anything
+    assert all("placeholder-key" not in str(s.headers) + s.query for s in fake.provider.seen)
