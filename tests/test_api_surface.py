@@ -61,15 +61,16 @@ def post_head(body: bytes, extra: str = "") -> bytes:
 async def test_expect_100_continue_is_answered_before_the_body_and_not_forwarded(
     fake: FakeServer, keymux: StartKeymux
 ) -> None:
-    km = await keymux(openai_config(fake.url, {"a": A}))
+    fake.provider.revoked.add(A)
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
     body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 4096}]}).encode()
 
     interim, final = await raw_exchange(km, post_head(body), body, wait_for_continue=True)
 
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert final.startswith(b"HTTP/1.1 200 ")
-    [seen] = fake.provider.seen
-    assert seen.model == "gpt-4o" and "Expect" not in seen.headers
+    assert [(s.key, s.model) for s in fake.provider.seen] == [(A, "gpt-4o"), (B, "gpt-4o")]  # past the revoked key
+    assert all("Expect" not in s.headers for s in fake.provider.seen)
 
 
 async def test_a_body_over_the_limit_gets_413_instead_of_100_continue(fake: FakeServer, keymux: StartKeymux) -> None:
@@ -89,27 +90,31 @@ async def test_a_body_over_the_limit_gets_413_instead_of_100_continue(fake: Fake
 async def test_an_encoded_request_body_is_forwarded_byte_for_byte_and_its_model_is_found(
     fake: FakeServer, keymux: StartKeymux, encoding: str, compress
 ) -> None:
-    km = await keymux(openai_config(fake.url, {"a": A}))
+    fake.provider.revoked.add(A)
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
     plain = json.dumps({"messages": [{"role": "user", "content": "hi " * 5000}], "model": "gpt-4o"}).encode()
     body = compress(plain)
-    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding, "Authorization": "Bearer placeholder"}
 
     async with km.session.post(km.url + "/v1/chat/completions", data=body, headers=headers) as response:
         assert response.status == 200, await response.text()
 
-    [seen] = fake.provider.seen
-    assert seen.model == "gpt-4o"  # the provider inflated what keymux passed on unchanged
-    assert (seen.headers["Content-Encoding"], int(seen.headers["Content-Length"])) == (encoding, len(body))
+    # The provider inflated what keymux passed on unchanged, to a and then to b.
+    assert [(s.key, s.model) for s in fake.provider.seen] == [(A, "gpt-4o"), (B, "gpt-4o")]
+    for seen in fake.provider.seen:
+        assert (seen.headers["Content-Encoding"], int(seen.headers["Content-Length"])) == (encoding, len(body))
     samples = await settle(km)
     assert family(samples, "keymux_upstream_attempts_total") == {
-        labels(provider="openai", key="a", model="gpt-4o", outcome="success"): 1
+        labels(provider="openai", key="a", model="gpt-4o", outcome="credential_error"): 1,
+        labels(provider="openai", key="b", model="gpt-4o", outcome="success"): 1,
     }
 
 
 async def test_a_transcription_upload_is_counted_under_its_model_from_the_form(
     fake: FakeServer, keymux: StartKeymux
 ) -> None:
-    km = await keymux(openai_config(fake.url, {"a": A}))
+    fake.provider.revoked.add(A)
+    km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
     client = openai.AsyncOpenAI(base_url=km.url + "/v1", api_key="placeholder-key", max_retries=0)
     audio = io.BytesIO(b"RIFF" + b"\x00" * 50_000)
     audio.name = "hello.wav"
@@ -119,9 +124,12 @@ async def test_a_transcription_upload_is_counted_under_its_model_from_the_form(
         await client.close()
 
     assert transcript.text == "Hello from the fake provider."
+    assert [(s.key, s.model) for s in fake.provider.seen] == [(A, "whisper-1"), (B, "whisper-1")]
+    assert all("placeholder-key" not in str(s.headers) for s in fake.provider.seen)
     samples = await settle(km)
     assert family(samples, "keymux_upstream_attempts_total") == {
-        labels(provider="openai", key="a", model="whisper-1", outcome="success"): 1
+        labels(provider="openai", key="a", model="whisper-1", outcome="credential_error"): 1,
+        labels(provider="openai", key="b", model="whisper-1", outcome="success"): 1,
     }
 
 
@@ -461,3 +469,36 @@ async def test_a_gemini_live_session_gets_a_real_key_past_a_revoked_one(fake: Fa
     assert turn["serverContent"]["modelTurn"]["parts"] == [{"text": "echo from the fake provider"}]
     assert fake.provider.keys_seen() == [A, B]  # a's handshake refused: b, before the app saw anything
     assert all("placeholder-key" not in str(s.headers) + s.query for s in fake.provider.seen)
+
+
+async def test_an_azure_realtime_session_is_counted_under_its_deployment(fake: FakeServer, keymux: StartKeymux) -> None:
+    fake.provider.revoked.add(A)
+    km = await keymux(azure_config(fake))
+    url = km.url + "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4o-realtime"
+
+    async with km.session.ws_connect(url, headers={"api-key": "placeholder-key"}) as ws:
+        created = json.loads((await ws.receive()).data)
+
+    assert created["session"]["model"] == "gpt-4o-realtime"
+    assert [(s.key, s.model) for s in fake.provider.seen] == [(A, "gpt-4o-realtime"), (B, "gpt-4o-realtime")]
+    assert all(s.headers.get("api-key") in (A, B) for s in fake.provider.seen)  # the app's never went up
+    samples = await settle(km)
+    assert family(samples, "keymux_requests_total") == {
+        labels(route="/", provider="azure", model="gpt-4o-realtime", outcome="success"): 1
+    }
+
+
+async def test_a_websocket_session_with_nothing_moving_is_closed_after_the_idle_timeout(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    km = await keymux(openai_config(fake.url, {"a": A}, "timeouts:\n  idle: 300ms\n"))
+
+    async with km.session.ws_connect(km.url + "/v1/realtime?model=gpt-realtime") as ws:
+        await ws.receive()  # session.created
+        closing = await ws.receive()  # then nothing moves either way
+
+    assert (closing.type, closing.data, closing.extra) == (aiohttp.WSMsgType.CLOSE, 1001, "keymux: idle")
+    samples = await settle(km)
+    assert family(samples, "keymux_requests_total") == {
+        labels(route="/", provider="openai", model="gpt-realtime", outcome="success"): 1
+    }
