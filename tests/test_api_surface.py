@@ -247,6 +247,11 @@ async def test_a_200_mib_upload_through_a_real_keymux_keeps_its_memory_flat(fake
             async with session.post(f"http://127.0.0.1:{port}/v1/files", data=form) as response:
                 answer = await response.json()
             peak = memory_kb(process.pid, "VmHWM")
+            for _ in range(200):  # the answer reached us; the request is over once keymux reports it
+                async with session.get(f"http://127.0.0.1:{admin}/metrics") as scraped:
+                    if "\nkeymux_inflight_requests 0.0\n" in await scraped.text():
+                        break
+                await asyncio.sleep(0.02)
             held = spool_files(process.pid, spool)
     finally:
         process.terminate()
