@@ -310,7 +310,7 @@ class FakeProvider:
 
     def _resources(self, request: web.Request, key: str | None, body: dict[str, Any]) -> web.Response | None:
         """Files, batches and stored responses: made for one key, invisible to the others."""
-        named = re.findall(r"(?:file-|batch_|resp_)\d+", request.path)
+        named = re.findall(r"(?:file-|batch_|resp_|msgbatch_)\d+", request.path)
         named += re.findall(r"files/f\d+", json.dumps(body.get("contents", "")))
         named += [body[f] for f in ("input_file_id", "previous_response_id", "file_id") if isinstance(body.get(f), str)]
         for resource in named:
@@ -321,6 +321,12 @@ class FakeProvider:
         path, method = request.path, request.method
         if method == "POST" and path.endswith("/responses") and not body.get("stream"):
             return web.json_response(_response(self._make("resp_", key), body.get("model")))
+        if path.endswith("/messages/batches") or re.search(r"/messages/batches/msgbatch_\d+$", path):
+            batch_id = self._make("msgbatch_", key) if method == "POST" else path.rsplit("/", 1)[1]
+            counts = {"processing": 1, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+            return web.json_response({"id": batch_id, "type": "message_batch", "processing_status": "in_progress",
+                                      "request_counts": counts, "created_at": "2026-12-01T00:00:00Z",
+                                      "expires_at": "2026-12-02T00:00:00Z"})  # fmt: skip
         if method == "POST" and path.endswith("/batches"):
             batch = {"id": self._make("batch_", key), "object": "batch", "endpoint": body.get("endpoint")}
             batch |= {"input_file_id": body.get("input_file_id"), "completion_window": "24h", "status": "validating"}

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import brotli
 import openai
 import pytest
@@ -29,6 +30,7 @@ from tests.test_accesslog import REPO, free_port
 from tests.test_metrics import family, labels, settle
 
 A, B = "sk-surface-a-000000000000", "sk-surface-b-000000000000"
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 async def raw_exchange(km: Running, head: bytes, body: bytes, wait_for_continue: bool) -> tuple[bytes, bytes]:
@@ -507,3 +509,23 @@ async def test_a_websocket_session_with_nothing_moving_is_closed_after_the_idle_
     assert family(samples, "keymux_requests_total") == {
         labels(route="/", provider="openai", model="gpt-realtime", outcome="success"): 1
     }
+
+
+async def test_an_anthropic_message_batch_is_followed_up_on_the_key_that_created_it(
+    fake: FakeServer, keymux: StartKeymux
+) -> None:
+    config = (
+        f"providers:\n  anthropic:\n    type: anthropic\n    base_url: {fake.url}\n    keys:\n"
+        f"      - name: a\n        key: {A}\n      - name: b\n        key: {B}\n"
+    )
+    km = await keymux(config)
+    client = anthropic.AsyncAnthropic(base_url=km.url, api_key="placeholder-key", max_retries=0)
+    request = {"custom_id": "1", "params": {"model": "claude-3-5-haiku", "max_tokens": 16, "messages": MESSAGES}}
+    try:
+        created = await client.messages.batches.create(requests=[request])
+        followed = [await client.messages.batches.retrieve(created.id) for _ in range(3)]
+    finally:
+        await client.close()
+
+    assert {batch.id for batch in followed} == {created.id}
+    assert fake.provider.keys_seen() == [A, A, A, A]
