@@ -371,7 +371,7 @@ class Exchange:
         session = self.proxy.session
         assert session is not None, "Proxy.start() was not awaited"
         method, url = self.request.method, provider.config.base_url + self.path
-        headers = self._headers_for(provider)
+        headers = self.app_headers(provider)
         headers.update(provider.headers_for(attempt.key, method, url, self.body))
         spool = self.spool
         data: bytes | AsyncIterator[bytes] | None = self.body or None
@@ -387,7 +387,7 @@ class Exchange:
             timeout=self.rt.client_timeout,
         )
 
-    def _headers_for(self, provider: Provider) -> CIMultiDict[str]:
+    def app_headers(self, provider: Provider) -> CIMultiDict[str]:
         """The app's end-to-end headers, less its credentials, plus the provider's defaults."""
         if self._headers is None:
             incoming = self.request.headers

@@ -74,22 +74,23 @@ async def _handshake(exchange: Exchange, attempt: Attempt[Provider]) -> aiohttp.
     session = exchange.proxy.session
     assert session is not None
     url = provider.config.base_url + exchange.path
-    headers = exchange._headers_for(provider)
+    headers = exchange.app_headers(provider)
     for name in HANDSHAKE_HEADERS:
         headers.popall(name, None)
     headers.update(provider.headers_for(attempt.key, "GET", url, b""))
     sent = time.monotonic()
     verdict: Verdict = DISCONNECTED
     try:
-        upstream = await session.ws_connect(
-            exchange.rt.url(url),
-            headers=headers,
-            protocols=app_protocols(exchange.request),
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-            autoclose=True,
-            autoping=True,
-            max_msg_size=0,
-        )
+        async with asyncio.timeout(exchange.rt.config.timeouts.response_headers):  # the handshake's answer
+            upstream = await session.ws_connect(
+                exchange.rt.url(url),
+                headers=headers,
+                protocols=app_protocols(exchange.request),
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                autoclose=True,
+                autoping=True,
+                max_msg_size=0,
+            )
     except _WS as exc:
         verdict = classify(exc.status, exc.headers or {}, b"", provider.patterns, time.time())
         attempt.finish(verdict)
