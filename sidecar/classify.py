@@ -65,6 +65,11 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, patterns: Pat
     return CLIENT_ERROR
 
 
+def transport_outcome(exc: BaseException) -> Outcome:
+    """An attempt that got no answer: it timed out, or the connection failed or broke."""
+    return Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECTION_ERROR
+
+
 def classify_stream_start(first_chunk: bytes, patterns: Patterns) -> Verdict:
     """A 200 stream whose first event is an error (Anthropic's `event: error`)."""
     if not first_chunk.startswith(b"event: error"):

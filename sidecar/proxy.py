@@ -24,7 +24,7 @@ from sidecar import websocket
 from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
 from sidecar.accesslog import AccessLog
 from sidecar.affinity import Owner, created_id, creates_resource, upload_session
-from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start
+from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start, transport_outcome
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
 from sidecar.plan import Attempt, LocalAnswer, Plan
@@ -161,14 +161,12 @@ class Exchange:
         if rejected is not None:
             return rejected
         if websocket.is_websocket(self.request):
-            self.plan = Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self)
+            self.plan = self._plan(None)
             return await websocket.serve(self)
         rejected = await self._read_body()
         if rejected is not None:
             return rejected
-        plan = self.plan = Plan(
-            self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self, self._pin()
-        )
+        plan = self.plan = self._plan(self._pin())
         attempt = plan.next()
         if attempt is None:
             return self.local(plan.no_key())
@@ -181,6 +179,9 @@ class Exchange:
                 return await self._give_last_answer(result)
             if result.response is not None:
                 result.response.close()
+
+    def _plan(self, pin: tuple[str, Owner] | None) -> Plan[Provider]:
+        return Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self, pin)
 
     def app_url(self, upstream_url: str, base_url: str) -> str:
         """An upstream URL the app is told to call next, made to point back at keymux."""
@@ -347,7 +348,7 @@ class Exchange:
                 self.metrics.ttfb(provider.name, self._model_label()).observe(self.ttfb)
                 verdict, prefix = await self._judge(provider, response)
             except _TRANSPORT_ERRORS as exc:
-                verdict = Verdict(_transport_outcome(exc))
+                verdict = Verdict(transport_outcome(exc))
                 return _Held(None)
             finally:
                 self.upstream_time += clock() - sent
@@ -651,7 +652,7 @@ class Relay:
         if transport is None or transport.is_closing():  # the app went away
             return DISCONNECTED
         transport.close()  # an unterminated body tells the app the answer is incomplete
-        return Verdict(Outcome.TIMEOUT if self.idle_expired else _transport_outcome(exc))  # the upstream broke
+        return Verdict(Outcome.TIMEOUT if self.idle_expired else transport_outcome(exc))  # the upstream broke
 
     def _scrubber(self) -> BodyScrubber | EventScrubber | None:
         """What redacts echoed secrets on the way to the app: every error body, and the error
@@ -672,10 +673,6 @@ def _suspicious(raw_path: str, path: str) -> bool:
     lowered = raw_path.lower()
     segments = path.split("/")
     return "." in segments or ".." in segments or "\\" in lowered or any(e in lowered for e in _ENCODED_SEPARATORS)
-
-
-def _transport_outcome(exc: BaseException) -> Outcome:
-    return Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECTION_ERROR
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

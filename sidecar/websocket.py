@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify
+from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, transport_outcome
 from sidecar.outcome import Outcome
 from sidecar.plan import Attempt, LocalAnswer
 
@@ -44,9 +44,10 @@ def app_protocols(request: web.BaseRequest) -> tuple[str, ...]:
 
 
 class _Refused:
-    """A handshake that did not open: the verdict is the attempt's; the status is the app's if last."""
+    """A handshake that did not open: the attempt's verdict, and the provider's status when it
+    answered one (None: no answer, a timeout or a connection error)."""
 
-    def __init__(self, verdict: Verdict, status: int) -> None:
+    def __init__(self, verdict: Verdict, status: int | None) -> None:
         self.verdict = verdict
         self.status = status
 
@@ -96,9 +97,9 @@ async def _handshake(exchange: Exchange, attempt: Attempt[Provider]) -> aiohttp.
         attempt.finish(verdict)
         return _Refused(verdict, exc.status)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        verdict = Verdict(Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECTION_ERROR)
+        verdict = Verdict(transport_outcome(exc))
         attempt.finish(verdict)
-        return _Refused(verdict, 504 if verdict.outcome is Outcome.TIMEOUT else 502)
+        return _Refused(verdict, None)
     except BaseException:
         attempt.finish(verdict)
         raise
@@ -110,6 +111,8 @@ async def _handshake(exchange: Exchange, attempt: Attempt[Provider]) -> aiohttp.
 def _refused_answer(exchange: Exchange, refused: _Refused) -> LocalAnswer:
     plan = exchange.plan
     assert plan is not None
+    if refused.status is None:  # no answer at all: the gateway error every request gets
+        return plan.exhausted()
     outcome = refused.verdict.outcome
     tried = ", ".join(plan.keys_tried)
     message = f"keymux: the provider refused the WebSocket handshake ({refused.status}, {outcome.value}); tried {tried}"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sidecar.classify import Patterns, classify, parse_duration, retry_after_seconds
+from sidecar.classify import Patterns, classify, parse_duration, retry_after_seconds, transport_outcome
 from sidecar.outcome import Outcome
 
 NOW = 1_700_000_000.0
@@ -177,3 +177,9 @@ def test_absurd_retry_after_is_passed_on_for_the_policy_to_cap():
 )
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_an_attempt_with_no_answer_is_a_timeout_or_a_connection_error() -> None:
+    assert transport_outcome(TimeoutError()) is Outcome.TIMEOUT
+    assert transport_outcome(ConnectionResetError()) is Outcome.CONNECTION_ERROR
+    assert transport_outcome(OSError("refused")) is Outcome.CONNECTION_ERROR
