@@ -105,7 +105,11 @@ async def keymux() -> AsyncIterator[StartKeymux]:
         await running.sidecar.stop()
 
 
-def openai_config(base_url: str, keys: dict[str, str], extra: str = "") -> str:
-    """A one-provider OpenAI config: keys is name -> secret."""
+def provider_config(type_: str, base_url: str, keys: dict[str, str], extra: str = "") -> str:
+    """A one-provider config of `type_` (also its name): keys is name -> secret."""
     lines = "\n".join(f"      - name: {name}\n        key: {secret}" for name, secret in keys.items())
-    return f"providers:\n  openai:\n    type: openai\n    base_url: {base_url}\n    keys:\n{lines}\n{extra}"
+    return f"providers:\n  {type_}:\n    type: {type_}\n    base_url: {base_url}\n    keys:\n{lines}\n{extra}"
+
+
+def openai_config(base_url: str, keys: dict[str, str], extra: str = "") -> str:
+    return provider_config("openai", base_url, keys, extra)

@@ -25,7 +25,7 @@ import pytest
 from google import genai
 from google.genai import types as genai_types
 
-from tests.conftest import FakeServer, Running, StartKeymux, openai_config
+from tests.conftest import FakeServer, Running, StartKeymux, openai_config, provider_config
 from tests.test_accesslog import REPO, free_port
 from tests.test_metrics import family, labels, settle
 
@@ -117,7 +117,7 @@ async def test_a_transcription_upload_is_counted_under_its_model_from_the_form(
 ) -> None:
     fake.provider.revoked.add(A)
     km = await keymux(openai_config(fake.url, {"a": A, "b": B}))
-    client = openai.AsyncOpenAI(base_url=km.url + "/v1", api_key="placeholder-key", max_retries=0)
+    client = sdk(km)
     audio = io.BytesIO(b"RIFF" + b"\x00" * 50_000)
     audio.name = "hello.wav"
     try:
@@ -136,10 +136,7 @@ async def test_a_transcription_upload_is_counted_under_its_model_from_the_form(
 
 
 def azure_config(fake: FakeServer) -> str:
-    return (
-        f"providers:\n  azure:\n    type: azure\n    base_url: {fake.url}\n    keys:\n"
-        f"      - name: a\n        key: {A}\n      - name: b\n        key: {B}\n"
-    )
+    return provider_config("azure", fake.url, {"a": A, "b": B})
 
 
 async def test_a_deployment_missing_on_azures_v1_path_cools_the_key_for_that_model_only(
@@ -427,10 +424,7 @@ async def test_a_handshake_every_key_refuses_is_answered_with_the_providers_stat
 
 
 def gemini_config(fake: FakeServer) -> str:
-    return (
-        f"providers:\n  gemini:\n    type: gemini\n    base_url: {fake.url}\n    keys:\n"
-        f"      - name: a\n        key: {A}\n      - name: b\n        key: {B}\n"
-    )
+    return provider_config("gemini", fake.url, {"a": A, "b": B})
 
 
 def genai_client(km: Running) -> genai.Client:
@@ -514,11 +508,7 @@ async def test_a_websocket_session_with_nothing_moving_is_closed_after_the_idle_
 async def test_an_anthropic_message_batch_is_followed_up_on_the_key_that_created_it(
     fake: FakeServer, keymux: StartKeymux
 ) -> None:
-    config = (
-        f"providers:\n  anthropic:\n    type: anthropic\n    base_url: {fake.url}\n    keys:\n"
-        f"      - name: a\n        key: {A}\n      - name: b\n        key: {B}\n"
-    )
-    km = await keymux(config)
+    km = await keymux(provider_config("anthropic", fake.url, {"a": A, "b": B}))
     client = anthropic.AsyncAnthropic(base_url=km.url, api_key="placeholder-key", max_retries=0)
     request = {"custom_id": "1", "params": {"model": "claude-3-5-haiku", "max_tokens": 16, "messages": MESSAGES}}
     try:

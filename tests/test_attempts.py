@@ -16,7 +16,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import FakeServer, Running, StartKeymux, openai_config
+from tests.conftest import FakeServer, Running, StartKeymux, openai_config, provider_config
 from tests.test_metrics import family, labels, settle
 
 A, B = "sk-attempt-a-000000000000", "sk-attempt-b-000000000000"
@@ -153,8 +153,7 @@ def read_anthropic_until_message_stop(base_url: str) -> list[str]:
 async def test_an_anthropic_stream_closed_at_message_stop_is_a_success_with_its_tokens(
     fake: FakeServer, keymux: StartKeymux, gap: float
 ) -> None:
-    config = f"providers:\n  anthropic:\n    type: anthropic\n    base_url: {fake.url}\n    keys:\n      - name: a\n        key: {A}\n"
-    km = await keymux(config)
+    km = await keymux(provider_config("anthropic", fake.url, {"a": A}))
     fake.provider.script(end_delay=gap)
 
     kinds = await asyncio.to_thread(read_anthropic_until_message_stop, km.url)
