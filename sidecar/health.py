@@ -206,14 +206,14 @@ class LocalHealth:
 
     def _succeeded(self, key: str, model: str, now: float) -> None:
         entries = self._models.get(model)
-        for table in (entries, self._wide):
-            entry = table.get(key) if table else None
+        for table in (self._wide,) if entries is None else (entries, self._wide):
+            entry = table.get(key)
             if entry is None:
                 continue
             if entry.until > now:  # a success that started before a newer failure: keep resting
                 entry.failures = 0
                 continue
-            del table[key]  # type: ignore[union-attr]
+            del table[key]
         if entries is not None and not entries:
             del self._models[model]
 
