@@ -154,7 +154,7 @@ class Plan(Generic[U]):
                 continue
             model = self.model_for(upstream)
             tried = self._tried.setdefault(upstream.name, set())
-            key = upstream.selector.choose(model, tried | self._not_pinned(upstream))
+            key = upstream.selector.choose(model, tried if self.pin is None else tried | self._not_pinned(upstream))
             if key is None:
                 self._done.add(upstream.name)
                 self.provider_outcomes.setdefault(upstream.name, Outcome.NO_KEY_AVAILABLE)
@@ -173,8 +173,7 @@ class Plan(Generic[U]):
 
     def _not_pinned(self, upstream: U) -> set[str]:
         """The keys a pinned request must not use: every key but its resource's creator."""
-        if self.pin is None:
-            return set()
+        assert self.pin is not None
         return {key.name for key in upstream.selector.keys if key.name != self.pin[1].key}
 
     def _finished(self, attempt: Attempt[U]) -> None:
