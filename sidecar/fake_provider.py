@@ -4,6 +4,10 @@ It answers in the OpenAI, Azure OpenAI, Anthropic and Gemini shapes (chosen by t
 stream SSE, and can be scripted per key and per model with rules: an error status with the
 provider's real error body, rate-limit headers, delays, and faults such as a connection reset.
 Rules are set in-process (`FakeProvider.script`) or over HTTP (`POST /_fake/rules`).
+
+Bucket mode (`buckets=`, `--buckets KEY=RPS,...`) limits keys as OpenAI does: a token bucket per
+(key, model), OpenAI's `x-ratelimit-*` headers on every answer, a 429 without `Retry-After` when the
+bucket is empty, and per-key counts at `GET /_fake/stats`.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import email.parser
 import email.policy
 import hashlib
 import json
+import math
 import re
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,6 +77,68 @@ class Seen:
     headers: dict[str, str]
 
 
+class TokenBucket:
+    """A request limit as OpenAI enforces one: `capacity` requests of burst, refilled
+    continuously at `rate` per second. Pure: the caller passes the time."""
+
+    # Floating-point slack: 0.2 s at 5 per second refills exactly one request, not 0.999….
+    _EPSILON = 1e-9
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        if rate <= 0 or capacity < 1:
+            raise ValueError(f"a bucket needs rate > 0 and capacity >= 1, not {rate}, {capacity}")
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = float(capacity)
+        self.updated = now
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend `cost` if the bucket holds it (after refilling up to `now`); False when it does not."""
+        self._refill(now)
+        if self.tokens + self._EPSILON < cost:
+            return False
+        self.tokens = max(self.tokens - cost, 0.0)
+        return True
+
+    def remaining(self) -> int:
+        return math.floor(self.tokens + self._EPSILON)
+
+    def until_full(self) -> float:
+        """Seconds until the bucket is full again, at the last time it was told."""
+        return max(self.capacity - self.tokens, 0.0) / self.rate
+
+    def _refill(self, now: float) -> None:
+        if now > self.updated:
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
+
+def openai_duration(seconds: float) -> str:
+    """A reset as OpenAI writes it: `250ms` under a second, else `1s`, `1.5s`, `6m0s`."""
+    ms = round(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms / 1000, 60)
+    text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def parse_buckets(text: str) -> dict[str, float]:
+    """`KEY=RPS,KEY=RPS` (the CLI's --buckets) as {key: requests per second}."""
+    rates = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, rate = item.rpartition("=")
+        if not sep or not key:
+            raise ValueError(f"--buckets wants KEY=RPS, not {item!r}")
+        rates[key] = float(rate)
+    return rates
+
+
+# The tokens limit of a bucketed key: per minute, as OpenAI's TPM, and far above what any test sends.
+TOKENS_PER_MINUTE = 1_000_000
+TOKENS_PER_REQUEST = 19  # the usage of a fake completion
+
+
 _GEMINI = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent)$")
 _AZURE = re.compile(r"/openai/deployments/([^/]+)/")
 
@@ -85,6 +153,10 @@ class FakeProvider:
         event_delay: float = 0.0,
         record: int = 10000,
         fast: bool = False,
+        buckets: dict[str, float] | None = None,
+        latency: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        tokens_per_minute: int = TOKENS_PER_MINUTE,
     ) -> None:
         self.revoked = set(revoked or ())
         self.valid = valid  # None: every key not revoked is valid
@@ -103,6 +175,14 @@ class FakeProvider:
         self.fast = fast
         self._canned = json.dumps(_completion("openai", "gpt-4o-mini", "/v1/chat/completions")).encode()
         self._canned_stream = b"".join(_sse_events("openai", "gpt-4o-mini", {}, events))
+        # Bucket mode: requests per second by key secret (keys not named are not limited).
+        self.buckets = dict(buckets) if buckets is not None else None
+        self.latency = latency  # seconds before each successful answer
+        self.clock = clock
+        self.tokens_per_minute = tokens_per_minute
+        self._request_buckets: dict[tuple[str, str | None], TokenBucket] = {}
+        self._token_buckets: dict[tuple[str, str | None], TokenBucket] = {}
+        self.stats: dict[str, Counter[str]] = {}  # bucket mode: answers by key secret, see count()
 
     # -- scripting -------------------------------------------------------------------------
 
@@ -125,6 +205,7 @@ class FakeProvider:
         app.router.add_post("/_fake/rules", self._set_rules)
         app.router.add_delete("/_fake/rules", self._clear_rules)
         app.router.add_get("/_fake/requests", self._requests)
+        app.router.add_get("/_fake/stats", self._stats)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         return app
 
@@ -140,6 +221,45 @@ class FakeProvider:
     async def _requests(self, request: web.Request) -> web.Response:
         return web.json_response([asdict(s) for s in self.seen])
 
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"keys": {key: dict(counts) for key, counts in self.stats.items()}})
+
+    # -- bucket mode -------------------------------------------------------------------------
+
+    def count(self, key: str | None, status: int) -> None:
+        """One answer for the stats: `served` (2xx), else its status (`429`, `401`, ...)."""
+        counts = self.stats.setdefault(key or "", Counter())
+        counts["served" if 200 <= status < 300 else str(status)] += 1
+
+    def limit(self, key: str, model: str | None) -> tuple[bool, dict[str, str]] | None:
+        """Spend one request of the key's bucket for this model: (whether the bucket had it, the
+        rate-limit headers to answer with). None: the key has no bucket."""
+        rate = (self.buckets or {}).get(key)
+        if rate is None:
+            return None
+        now = self.clock()
+        scope = (key, model)
+        requests = self._request_buckets.get(scope)
+        if requests is None:
+            capacity = max(math.floor(rate), 1)  # one second of burst
+            requests = self._request_buckets[scope] = TokenBucket(rate, capacity, now)
+        tokens = self._token_buckets.get(scope)
+        if tokens is None:
+            per_minute = self.tokens_per_minute
+            tokens = self._token_buckets[scope] = TokenBucket(per_minute / 60, per_minute, now)
+        allowed = requests.take(now)
+        if allowed:
+            tokens.take(now, TOKENS_PER_REQUEST)
+        headers = {
+            "x-ratelimit-limit-requests": str(math.floor(requests.capacity)),
+            "x-ratelimit-remaining-requests": str(requests.remaining()),
+            "x-ratelimit-reset-requests": openai_duration(requests.until_full()),
+            "x-ratelimit-limit-tokens": str(math.floor(tokens.capacity)),
+            "x-ratelimit-remaining-tokens": str(tokens.remaining()),
+            "x-ratelimit-reset-tokens": openai_duration(tokens.until_full()),
+        }
+        return allowed, headers
+
     # -- answering -------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -147,7 +267,10 @@ class FakeProvider:
             return await self._fast(request)
         self.active += 1
         try:
-            return await self._answer(request)
+            response = await self._answer(request)
+            if self.buckets is not None:
+                self.count(_key_of(request), response.status)
+            return response
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -179,6 +302,12 @@ class FakeProvider:
             return _error(shape, 400, "bad_request", "We could not parse the JSON body of your request.")
         if not key or key in self.revoked or (self.valid is not None and key not in self.valid):
             return _error(shape, 401 if shape != "gemini" else 400, "credential", _invalid_key_message(shape, key))
+        bucket = self.limit(key, model) if self.buckets is not None else None
+        allowed, limits = bucket or (True, {})
+        if not allowed:
+            limit = limits["x-ratelimit-limit-requests"]
+            message = f"Rate limit reached for {model} on requests: Limit {limit}, Used {limit}, Requested 1."
+            return _error(shape, 429, "rate_limit", message, limits)
         rule = next((r for r in self.rules if r.applies(key, model)), None)
         if rule is not None and rule.times is not None:
             rule.times -= 1
@@ -190,15 +319,18 @@ class FakeProvider:
             return _rule_error(shape, rule, key or "", model)
         if (owned := self._resources(request, key, body)) is not None:
             return owned
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        headers = {**limits, **(rule.headers if rule else {})}
         stream = bool(body.get("stream")) or request.path.endswith(":streamGenerateContent")
         if stream:
             events = rule.events if rule and rule.events is not None else self.events
             delay = rule.event_delay if rule and rule.event_delay is not None else self.event_delay
             end_delay = rule.end_delay if rule else 0.0
-            return await _stream(request, shape, model, body, events, delay, rule.headers if rule else {}, end_delay)
+            return await _stream(request, shape, model, body, events, delay, headers, end_delay)
         if request.path.endswith(("/audio/transcriptions", "/audio/translations")):
-            return web.json_response({"text": "Hello from the fake provider."}, headers=rule.headers if rule else None)
-        return web.json_response(_completion(shape, model, request.path), headers=rule.headers if rule else None)
+            return web.json_response({"text": "Hello from the fake provider."}, headers=headers)
+        return web.json_response(_completion(shape, model, request.path), headers=headers)
 
     async def _fast(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -691,8 +823,25 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="canned answers only (for benchmarks)")
     parser.add_argument("--events", type=int, default=5, help="SSE events per stream")
     parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between SSE events")
+    parser.add_argument("--buckets", action="append", default=[], metavar="KEY=RPS,...",
+                        help="bucket mode: limit each KEY to RPS requests per second per model, with OpenAI's "
+                        "x-ratelimit-* headers; counts at GET /_fake/stats")  # fmt: skip
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each successful answer")
     args = parser.parse_args()
-    provider = FakeProvider(revoked=set(args.revoked), fast=args.fast, events=args.events, event_delay=args.event_delay)
+    if args.fast and (args.buckets or args.latency):
+        parser.error("--fast answers canned bodies only: no --buckets or --latency with it")
+    try:
+        buckets = {key: rate for text in args.buckets for key, rate in parse_buckets(text).items()}
+    except ValueError as exc:
+        parser.error(str(exc))
+    provider = FakeProvider(
+        revoked=set(args.revoked),
+        fast=args.fast,
+        events=args.events,
+        event_delay=args.event_delay,
+        buckets=buckets or None,
+        latency=args.latency,
+    )
     web.run_app(provider.app(), host=args.host, port=args.port, access_log=None, print=None)
 
 
