@@ -6,11 +6,14 @@ Pure functions over status, headers and a bounded body prefix; the wall clock is
 from __future__ import annotations
 
 import email.utils
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sidecar.outcome import Outcome
 from sidecar.providers import COMMON_PATTERNS, OVERLOADED_STATUSES, PATTERN_KINDS, PatternSet
@@ -22,6 +25,9 @@ class Verdict:
     retry_after: float | None = None  # seconds the provider asked us to wait
     key_wide: bool = False  # the failure concerns the key for every model
     provider_wide: bool = False  # the provider as a whole failed: no other key of it will help
+    # retry_after runs to the end of a quota's window (Gemini's per-day quota): the (key, model)
+    # rests that long, capped by health.quota_window_max rather than rate_limit_cooldown_max.
+    quota_window: bool = False
 
 
 SUCCESS = Verdict(Outcome.SUCCESS)
@@ -55,14 +61,28 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, patterns: Pat
     if status in OVERLOADED_STATUSES or patterns.matches("overloaded", body):
         return Verdict(Outcome.UPSTREAM_ERROR, provider_wide=True)
     if status == 429 or (status < 500 and patterns.matches("rate_limit", body)):
-        if patterns.matches("quota", body):
-            return Verdict(Outcome.RATE_LIMITED, key_wide=True)
-        return Verdict(Outcome.RATE_LIMITED, retry_after=retry_after_seconds(headers, now_wall))
+        return _rate_limited(headers, body, patterns, now_wall)
     if status >= 500:
         return Verdict(Outcome.UPSTREAM_ERROR)
     if status == 403 or patterns.matches("model_access", body):
         return Verdict(Outcome.PERMISSION_ERROR)
     return CLIENT_ERROR
+
+
+def _rate_limited(headers: Mapping[str, str], body: bytes, patterns: Patterns, now_wall: float) -> Verdict:
+    """A rate limit or a quota. How long to wait, first answer wins: a per-day quota's window end
+    (a retry hint cannot refill it sooner); a rate-limit header; Google's `RetryInfo.retryDelay`."""
+    google = google_quota(body)
+    if google is not None:
+        # Checked before the quota patterns: Google's quotas are per project *and model*, so the
+        # key keeps serving other models whatever the message says ("You exceeded your current quota").
+        if google.daily:
+            return Verdict(Outcome.RATE_LIMITED, retry_after=seconds_to_quota_reset(now_wall), quota_window=True)
+        hint = retry_after_seconds(headers, now_wall)  # a header, when one came, wins over the body's delay
+        return Verdict(Outcome.RATE_LIMITED, retry_after=hint if hint is not None else google.retry_delay)
+    if patterns.matches("quota", body):
+        return Verdict(Outcome.RATE_LIMITED, key_wide=True)
+    return Verdict(Outcome.RATE_LIMITED, retry_after=retry_after_seconds(headers, now_wall))
 
 
 def transport_outcome(exc: BaseException) -> Outcome:
@@ -105,7 +125,7 @@ def _number(text: str | None) -> float | None:
         return None
 
 
-def _seconds_until(text: str, now_wall: float) -> float | None:
+def seconds_until(text: str, now_wall: float) -> float | None:
     """An HTTP date or RFC 3339 time, as seconds from now."""
     text = text.strip()
     try:
@@ -161,10 +181,84 @@ def retry_after_seconds(headers: Mapping[str, str], now_wall: float) -> float | 
     if raw is not None:
         seconds = _positive(_number(raw))
         if seconds is None and not raw.strip().lstrip("-").replace(".", "", 1).isdigit():
-            seconds = _positive(_seconds_until(raw, now_wall))
+            seconds = _positive(seconds_until(raw, now_wall))
         if seconds is not None:
             return seconds
     # OpenAI resets are durations ("6m0s"); Anthropic's are RFC 3339 times.
     return _reset_family(headers, "x-ratelimit-{field}-{kind}", _OPENAI_KINDS, parse_duration) or _reset_family(
-        headers, "anthropic-ratelimit-{kind}-{field}", _ANTHROPIC_KINDS, lambda raw: _seconds_until(raw, now_wall)
+        headers, "anthropic-ratelimit-{kind}-{field}", _ANTHROPIC_KINDS, lambda raw: seconds_until(raw, now_wall)
     )
+
+
+# -- Google's structured errors (Gemini) --------------------------------------------------------
+
+_GOOGLE_RPC = b"type.googleapis.com/google.rpc."
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
+_GOOGLE_BODY_MAX = 256 * 1024  # a larger error body is not parsed: the patterns alone decide
+_PROTO_DURATION = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)s")  # google.protobuf.Duration in JSON: "37s", "1.5s"
+
+
+@dataclass(frozen=True, slots=True)
+class GoogleQuota:
+    """What a Google 429 (`RESOURCE_EXHAUSTED`) says in its `error.details`."""
+
+    retry_delay: float | None  # RetryInfo.retryDelay, in seconds
+    daily: bool  # a QuotaFailure violation's quotaId names a per-day window
+
+
+def google_quota(body: bytes) -> GoogleQuota | None:
+    """The RetryInfo and QuotaFailure of a Google error body; None when it has neither.
+
+    Defensive: the body is a bounded prefix of whatever came back, so anything truncated,
+    oversized, not JSON or of the wrong shape is None and never raises.
+    """
+    if len(body) > _GOOGLE_BODY_MAX or _GOOGLE_RPC not in body:
+        return None
+    try:
+        parsed: Any = json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    if isinstance(parsed, list) and parsed:  # streamGenerateContent answers in a JSON array
+        parsed = parsed[0]
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(details, list):
+        return None
+    delay: float | None = None
+    violations: list[dict[str, Any]] = []
+    for detail in details:
+        if not isinstance(detail, dict):
+            continue
+        if detail.get("@type") == _RETRY_INFO:
+            delay = delay or _proto_duration(detail.get("retryDelay"))
+        elif detail.get("@type") == _QUOTA_FAILURE and isinstance(detail.get("violations"), list):
+            violations += [v for v in detail["violations"] if isinstance(v, dict)]
+    if delay is None and not violations:
+        return None
+    daily = any(isinstance(v.get("quotaId"), str) and "PerDay" in v["quotaId"] for v in violations)
+    return GoogleQuota(delay, daily)
+
+
+def _proto_duration(raw: object) -> float | None:
+    match = _PROTO_DURATION.fullmatch(raw.strip()) if isinstance(raw, str) else None
+    return _positive(float(match.group(1))) if match else None
+
+
+def _pacific() -> tzinfo:
+    """Where Google's daily quotas reset; a fixed UTC-8 when the system has no tz database."""
+    try:
+        return ZoneInfo("America/Los_Angeles")
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return PACIFIC_STANDARD
+
+
+PACIFIC_STANDARD = timezone(timedelta(hours=-8), "PST")
+PACIFIC = _pacific()
+
+
+def seconds_to_quota_reset(now_wall: float, zone: tzinfo = PACIFIC) -> float:
+    """Seconds from `now_wall` to the next midnight in `zone`, when Gemini's daily quotas reset."""
+    today: date = datetime.fromtimestamp(now_wall, zone).date()
+    midnight = datetime.combine(today + timedelta(days=1), time(0), tzinfo=zone)
+    return midnight.timestamp() - now_wall
