@@ -6,6 +6,7 @@ Pure: the environment and the file reader are passed in. Every error names the f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Route:
 class RetryConfig:
     max_attempts: int = 5  # upstream attempts per request, over all keys and providers
     budget: float = 60.0  # no new attempt starts this long after the request arrived
+    max_wait: float = 2.0  # how long a request may wait for a saturated or rate-limited key (0: never)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ _TOP_FIELDS = (
     "security",
 )
 _PROVIDER_FIELDS = ("type", "base_url", "keys", "keys_from_env", "patterns", "headers", "affinity")
-_KEY_FIELDS = ("name", "key", "key_file", "models", "headers")
+_KEY_FIELDS = ("name", "key", "key_file", "models", "headers", "weight", "rpm", "tpm")
 
 
 def load_config(text: str, env: Mapping[str, str], read_file: ReadFile) -> Config:
@@ -266,7 +268,12 @@ class _Loader:
             if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
                 raise ConfigError(f"{path}.models", "must be a non-empty list of model names")
             models = frozenset(models)
-        key = Key(name, secret, models, self.headers(raw.get("headers"), f"{path}.headers"))
+        headers = self.headers(raw.get("headers"), f"{path}.headers")
+        weight = raw.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < math.inf:
+            raise ConfigError(f"{path}.weight", "must be a positive number")
+        rpm, tpm = (int(_number(raw[f], f"{path}.{f}", integer=True)) if f in raw else None for f in ("rpm", "tpm"))
+        key = Key(name, secret, models, headers, float(weight), rpm, tpm)
         return key, file
 
     def secret_file(self, file: str, path: str) -> str:
@@ -386,7 +393,7 @@ def _section(raw: Mapping[str, Any], name: str, cls: type[Any]) -> Any:
     return cls(**values)
 
 
-_ZERO_OK = frozenset({"shutdown.drain_delay"})  # a native sidecar needs no delay
+_ZERO_OK = frozenset({"shutdown.drain_delay", "retry.max_wait"})  # a native sidecar needs no delay
 _DIRECTORIES = frozenset({"limits.spool_dir"})
 
 

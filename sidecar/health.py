@@ -59,6 +59,7 @@ class HealthSettings:
     rate_limit_cooldown: float = 30.0  # a 429 that says nothing about when: doubles from here
     rate_limit_cooldown_max: float = 3600.0  # caps that, and what a provider may ask for
     quota_cooldown: float = 1800.0  # insufficient_quota: the account is out of credit
+    quota_window_max: float = 25 * 3600.0  # caps a per-day quota's rest (a Pacific day lasts 25 h when DST ends)
     probe_timeout: float = 600.0  # a half-open probe never reported frees its slot after this
     idle_expiry: float = 3600.0  # forget an entry this long after its cooldown ended
     max_models: int = 1000  # distinct model names tracked per provider
@@ -69,6 +70,7 @@ class KeyState(enum.StrEnum):
     HALF_OPEN = "half_open"  # cooldown over: the next request probes it
     COOLING = "cooling"  # this (key, model) is resting
     DISABLED = "disabled"  # the key is resting for every model
+    SATURATED = "saturated"  # no room left under a rate limit until `until` (the capacity record's)
 
 
 @dataclass(slots=True)
@@ -103,10 +105,15 @@ class KeyStatus:
     until: float | None  # clock time the rest ends; None when not resting
     failures: int
     last_outcome: Outcome | None
+    limit: str | None = None  # for a saturated key: the limit that holds it (requests, tokens, rpm, tpm)
 
 
 class HealthStore(Protocol):
     """What selection and the attempt ask of a health record. Every call is synchronous."""
+
+    def usable(self, key: str, model: str) -> bool:
+        """May `key` serve `model` now? Asking claims nothing."""
+        ...
 
     def admit(self, key: str, model: str) -> bool:
         """May `key` serve `model` now? Admitting a half-open key claims its one probe."""
@@ -141,19 +148,25 @@ class LocalHealth:
 
     # -- asked by selection ----------------------------------------------------------------
 
-    def admit(self, key: str, model: str) -> bool:
+    def usable(self, key: str, model: str) -> bool:
+        wide = self._wide.get(key)
+        entries = self._models.get(model)
+        if wide is None and not entries:
+            return True  # the usual case: nothing remembered
         now = self._clock()
         timeout = self.settings.probe_timeout
-        wide = self._wide.get(key)
         if wide is not None and wide.blocks(now, timeout):
             return False
-        entries = self._models.get(model)
         scoped = entries.get(key) if entries else None
-        if scoped is not None and scoped.blocks(now, timeout):
+        return scoped is None or not scoped.blocks(now, timeout)
+
+    def admit(self, key: str, model: str) -> bool:
+        if not self.usable(key, model):
             return False
-        for entry in (wide, scoped):
+        entries = self._models.get(model)
+        for entry in (self._wide.get(key), entries.get(key) if entries else None):
             if entry is not None and entry.cooled:
-                entry.probing_since = now
+                entry.probing_since = self._clock()
         return True
 
     def blocker(self, key: str, model: str) -> KeyStatus | None:
@@ -191,7 +204,8 @@ class LocalHealth:
         if outcome is Outcome.RATE_LIMITED:
             asked = verdict.retry_after
             if asked:
-                seconds = min(asked, s.rate_limit_cooldown_max)
+                # A daily quota rests until its window ends, not a probe every rate_limit_cooldown.
+                seconds = min(asked, s.quota_window_max if verdict.quota_window else s.rate_limit_cooldown_max)
             else:
                 seconds = backoff(s.rate_limit_cooldown, s.rate_limit_cooldown_max, entry.strikes)
             _cool(entry, seconds, now, outcome)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -20,12 +20,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar import __version__
-from sidecar.health import ALL_MODELS, HealthStore, KeyState, KeyStatus
+from sidecar.capacity import Capacity
+from sidecar.health import ALL_MODELS, KeyState, KeyStatus
 from sidecar.outcome import Outcome
 
 TTFB_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600)
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+WAIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 OTHER = "other"
 NO_MODEL = "unknown"
 KEY_WIDE_LABEL = "*"
@@ -126,9 +128,21 @@ class ModelLabels:
 
 
 # keymux_key_state's encoding of a key's state.
-KEY_STATE_GAUGE = {KeyState.USABLE: 0, KeyState.HALF_OPEN: 0, KeyState.COOLING: 1, KeyState.DISABLED: 2}
+KEY_STATE_GAUGE = {
+    KeyState.USABLE: 0,
+    KeyState.HALF_OPEN: 0,
+    KeyState.COOLING: 1,
+    KeyState.DISABLED: 2,
+    KeyState.SATURATED: 3,
+}
 
-HealthRecords = Callable[[], Iterable[tuple[str, HealthStore]]]  # (provider name, its health record)
+
+class KeyRows(Protocol):
+    def statuses(self) -> Iterator[KeyStatus]: ...
+
+
+HealthRecords = Callable[[], Iterable[tuple[str, KeyRows]]]  # (provider name, its key states)
+CapacityRecords = Callable[[], Iterable[tuple[str, Capacity]]]
 
 
 def scope_label(status: KeyStatus) -> str:
@@ -145,12 +159,13 @@ class KeyStateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "keymux_key_state",
-            "Key health: 0 usable, 1 cooling for this model, 2 disabled for every model (model='*')",
+            "Key health: 0 usable, 1 cooling for this model, 2 disabled for every model (model='*'), "
+            "3 saturated (no room left under a rate limit)",
             labels=["provider", "key", "model"],
         )
         seen: dict[tuple[str, str, str], int] = {}
-        for provider, health in self.records():
-            for status in health.statuses():
+        for provider, rows in self.records():
+            for status in rows.statuses():
                 gauge = KEY_STATE_GAUGE[status.state]
                 # Every key has its model="*" series; a model's series lives only while that
                 # model rests, so it is gone once the cooldown ends (the half-open probe is usable).
@@ -164,6 +179,43 @@ class KeyStateCollector(Collector):
 
     def _model(self, status: KeyStatus) -> str:
         return KEY_WIDE_LABEL if status.scope is ALL_MODELS else self.models(status.scope)
+
+
+class CapacityCollector(Collector):
+    """The learned limits and the room left, read from the capacity records at scrape time."""
+
+    def __init__(self, records: CapacityRecords, models: ModelLabels) -> None:
+        self.records = records
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        names = ["provider", "key", "model", "kind"]
+        limit = GaugeMetricFamily("keymux_key_limit", "The rate limit the provider reported", labels=names)
+        remaining = GaugeMetricFamily(
+            "keymux_key_remaining", "The room left under it now, as keymux estimates it", labels=names
+        )
+        avoided = CounterMetricFamily(
+            "keymux_saturations",
+            "Requests kept off a key that had no room left under a limit (a 429 not spent)",
+            labels=["provider", "key", "limit"],
+        )
+        limits: dict[tuple[str, ...], float] = {}
+        rooms: dict[tuple[str, ...], float] = {}
+        for provider, capacity in self.records():
+            for gauge in capacity.gauges():
+                series = (provider, gauge.key, self.models(gauge.model), gauge.kind)
+                if gauge.limit is not None:
+                    limits[series] = max(limits.get(series, 0.0), gauge.limit)
+                rooms[series] = min(rooms.get(series, gauge.remaining), gauge.remaining)
+            for (key, held), count in capacity.avoided.items():
+                avoided.add_metric([provider, key, held], count)
+        for labels, value in limits.items():
+            limit.add_metric(list(labels), value)
+        for labels, value in rooms.items():
+            remaining.add_metric(list(labels), value)
+        yield limit
+        yield remaining
+        yield avoided
 
 
 class Metrics:
@@ -224,11 +276,22 @@ class Metrics:
         )
         self.inflight: _Count = family("gauge", "keymux_inflight_requests", "App requests in flight")()
         self.reloads = family("counter", "keymux_config_reloads", "Config reloads", ["result"])
+        self.capacity_wait = family(
+            "histogram",
+            "keymux_capacity_wait_seconds",
+            "Time requests waited for a saturated or rate-limited key (retry.max_wait); "
+            "result: served, or gave_up when none freed up in time",
+            ["result"],
+            WAIT_BUCKETS,
+        )
         family("gauge", "keymux_build_info", "keymux build", ["version"])(__version__).inc()
         self.registry.register(_FamilyCollector(families))
 
     def watch_health(self, records: HealthRecords) -> None:
         self.registry.register(KeyStateCollector(records, self.models))
+
+    def watch_capacity(self, records: CapacityRecords) -> None:
+        self.registry.register(CapacityCollector(records, self.models))
 
     def attempt(self, provider: str, key: str, model: str, outcome: Outcome) -> None:
         self.attempts(provider, key, model, outcome.value).inc()

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from sidecar.affinity import Owner
+from sidecar.capacity import Capacity, Report, Ticket
 from sidecar.classify import Verdict
 from sidecar.config import RetryConfig
-from sidecar.health import ALL_MODELS, Clock, HealthStore, KeyStatus
+from sidecar.health import ALL_MODELS, Clock, HealthStore, KeyState, KeyStatus
 from sidecar.keys import Key
 from sidecar.outcome import Outcome
 
@@ -29,11 +30,11 @@ from sidecar.outcome import Outcome
 class Selector(Protocol):
     keys: tuple[Key, ...]
 
-    def choose(self, model: str, exclude: frozenset[str] | set[str] = ...) -> Key | None: ...
+    def choose(self, model: str, exclude: frozenset[str] | set[str] = ..., tokens: int = ...) -> Key | None: ...
 
 
 class Upstream(Protocol):
-    """A provider as the plan sees it: a name, a key selector and a health record."""
+    """A provider as the plan sees it: a name, a key selector, a health and a capacity record."""
 
     @property
     def name(self) -> str: ...
@@ -43,6 +44,9 @@ class Upstream(Protocol):
 
     @property
     def health(self) -> HealthStore: ...
+
+    @property
+    def capacity(self) -> Capacity: ...
 
 
 U = TypeVar("U", bound=Upstream)
@@ -65,15 +69,20 @@ class AttemptFinishedTwice(RuntimeError):
 class Attempt(Generic[U]):
     """One upstream attempt: a (provider, key) for a model, open until its verdict is final."""
 
-    __slots__ = ("_plan", "key", "label", "model", "provider", "verdict")
+    __slots__ = ("_plan", "key", "label", "model", "provider", "ticket", "verdict")
 
-    def __init__(self, plan: Plan[U], provider: U, key: Key, model: str) -> None:
+    def __init__(self, plan: Plan[U], provider: U, key: Key, model: str, ticket: Ticket) -> None:
         self._plan: Plan[U] | None = plan  # dropped once finished: no cycle outlives the request
         self.provider = provider
         self.key = key
         self.model = model
+        self.ticket = ticket  # its place among the requests sent to (key, model)
         self.label = f"{provider.name}/{key.name}"  # as logs and messages name it
         self.verdict: Verdict | None = None  # the final verdict, once finished
+
+    def learn(self, report: Report) -> None:
+        """The answer's headers said how much room the key has left (before the verdict is final)."""
+        self.provider.capacity.learn(self.key.name, self.model, report, self.ticket)
 
     def finish(self, verdict: Verdict) -> None:
         """The attempt is over: record its final verdict, once."""
@@ -113,6 +122,7 @@ class Plan(Generic[U]):
         clock: Clock,
         observer: Observer,
         pin: tuple[str, Owner] | None = None,
+        tokens: int = 0,
     ) -> None:
         self.pin = pin  # (resource, the key that created it): the only key this request may use
         if pin is not None:
@@ -122,12 +132,14 @@ class Plan(Generic[U]):
         self.retry = retry
         self.clock = clock
         self.observer = observer
+        self.tokens = tokens  # what the request is likely to use, for the keys' token limits
         self.started = clock()
+        self.wait_deadline: float | None = None  # set when the request first waits for a key
         self.attempts: list[Attempt[U]] = []
         self.keys_tried: list[str] = []  # the attempts' labels, in order
         self.provider_outcomes: dict[str, Outcome] = {}  # each provider's end-to-end result
         self._tried: dict[str, set[str]] = {}
-        self._done: set[str] = set()  # providers with nothing left to try
+        self._done: set[str] = set()  # providers that failed as a whole
 
     @property
     def last(self) -> Attempt[U] | None:
@@ -154,10 +166,12 @@ class Plan(Generic[U]):
                 continue
             model = self.model_for(upstream)
             tried = self._tried.setdefault(upstream.name, set())
-            key = upstream.selector.choose(model, tried if self.pin is None else tried | self._not_pinned(upstream))
+            excluded = tried if self.pin is None else tried | self._not_pinned(upstream)
+            key = upstream.selector.choose(model, excluded, self.tokens)
             if key is None:
-                self._done.add(upstream.name)
                 self.provider_outcomes.setdefault(upstream.name, Outcome.NO_KEY_AVAILABLE)
+                if all(k.name in excluded or not k.allows(model) for k in upstream.selector.keys):
+                    self._done.add(upstream.name)  # nothing left to try; else keys only rest, and may free up
                 previous = upstream
                 continue
             if previous is not None and previous is not upstream:
@@ -165,7 +179,7 @@ class Plan(Generic[U]):
             elif failed is not None and failed.verdict is not None:
                 self.observer.key_retry(upstream.name, failed.verdict.outcome)
             tried.add(key.name)
-            attempt = Attempt(self, upstream, key, model)
+            attempt = Attempt(self, upstream, key, model, upstream.capacity.sent(key.name, model, self.tokens))
             self.attempts.append(attempt)
             self.keys_tried.append(attempt.label)
             return attempt
@@ -193,34 +207,67 @@ class Plan(Generic[U]):
         message = f"keymux: every attempt failed ({outcome.value}); tried {tried}"
         return LocalAnswer(_GATEWAY_STATUS.get(outcome, 502), outcome.value, message, outcome)
 
+    def _candidates(self) -> list[tuple[str, str, list[KeyStatus]]]:
+        """Each key the request could still use and what holds it now: (provider, key, blockers)."""
+        found = []
+        for upstream in self.upstreams:
+            if upstream.name in self._done:
+                continue
+            model = self.model_for(upstream)
+            tried = self._tried.get(upstream.name, ())
+            for key in upstream.selector.keys:
+                name = key.name
+                if name in tried or not key.allows(model) or (self.pin is not None and name != self.pin[1].key):
+                    continue
+                held = [upstream.health.blocker(name, model), upstream.capacity.blocker(name, model, self.tokens)]
+                found.append((upstream.name, name, [status for status in held if status is not None]))
+        return found
+
+    def recovery(self) -> float | None:
+        """When the first key the request could still use is free again by itself: the end of a
+        rate limit's rest or of a saturation. None when no such key is held only by those."""
+        ready = None
+        for _, _, held in self._candidates():
+            if held and all(_recovers(status) for status in held):
+                at = max(status.until for status in held if status.until is not None)
+                ready = at if ready is None else min(ready, at)
+        return ready
+
+    def wait_until(self) -> tuple[float, float] | None:
+        """Whether to wait for a key, rather than answer now: (when one should be ready, the
+        latest the request may wait until), or None. A request waits at most retry.max_wait in
+        all, counted from its first wait, and never past its retry.budget."""
+        ready = self.recovery()
+        if ready is None:
+            return None
+        retry = self.retry
+        deadline = self.wait_deadline
+        if deadline is None:
+            deadline = min(self.clock() + retry.max_wait, self.started + retry.budget)
+            if retry.max_wait > 0:
+                self.wait_deadline = deadline
+        return (ready, deadline) if ready <= deadline else None
+
     def no_key(self) -> LocalAnswer:
-        """No key could take the request at all: 503, or 429 when every one is only rate-limited."""
+        """No key can take the request now: 429 with Retry-After when one will be free again by
+        itself (resting for a rate limit, or saturated), 503 when none will."""
         if self.pin is not None:
             return self._pinned_key_unavailable()
         now = self.clock()
-        model = ""
-        blocked: list[tuple[str, KeyStatus]] = []
-        for upstream in self.upstreams:
-            wanted = self.model_for(upstream)
-            model = model or wanted
-            for key in upstream.selector.keys:
-                if key.allows(wanted) and (status := upstream.health.blocker(key.name, wanted)) is not None:
-                    blocked.append((upstream.name, status))
-        parts = [_describe(provider, status, now) for provider, status in blocked]
-        if not parts:
+        model = next((self.model_for(upstream) for upstream in self.upstreams), "")
+        candidates = self._candidates()
+        parts = [_describe(provider, status, now) for provider, _, held in candidates for status in held]
+        if not candidates:
             detail = f"no configured key is allowed to serve model '{model}'" if model else "no keys are configured"
         else:
             detail = f"no key can serve model '{model}' right now: " + "; ".join(parts)
-        waits = [status.until - now for _, status in blocked if status.until is not None]
-        limited = bool(blocked) and all(s.last_outcome is Outcome.RATE_LIMITED for _, s in blocked)
+        ready = self.recovery()
+        if ready is not None:
+            return LocalAnswer(429, "no_key_available", f"keymux: {detail}", Outcome.NO_KEY_AVAILABLE, ready - now)
+        waits = [s.until - now for _, _, held in candidates for s in held if s.until is not None]
         return LocalAnswer(
-            429 if limited else 503,
-            "no_key_available",
-            f"keymux: {detail}",
-            Outcome.NO_KEY_AVAILABLE,
-            min(waits) if waits else None,
+            503, "no_key_available", f"keymux: {detail}", Outcome.NO_KEY_AVAILABLE, min(waits) if waits else None
         )
-
 
     def _pinned_key_unavailable(self) -> LocalAnswer:
         """The resource's creator cannot serve it: say which key and why, not another key's 404."""
@@ -233,18 +280,27 @@ class Plan(Generic[U]):
             message = f"{made}, which is no longer configured"
             return LocalAnswer(404, "resource_key_removed", message, Outcome.NO_KEY_AVAILABLE)
         model = self.model_for(upstream)
-        status = upstream.health.blocker(owner.key, model)
+        status = upstream.health.blocker(owner.key, model) or upstream.capacity.blocker(owner.key, model, self.tokens)
         if status is None:  # not resting: its allow-list leaves this model out
             message = f"{made}, which may not serve model '{model}'"
             return LocalAnswer(503, "resource_key_unavailable", message, Outcome.NO_KEY_AVAILABLE)
-        limited = status.last_outcome is Outcome.RATE_LIMITED
+        limited = _recovers(status)
         wait = None if status.until is None else status.until - self.clock()
         message = f"{made}, which cannot serve it now: {_describe(owner.provider, status, self.clock())}"
         return LocalAnswer(429 if limited else 503, "resource_key_unavailable", message, Outcome.NO_KEY_AVAILABLE, wait)
 
 
+def _recovers(status: KeyStatus) -> bool:
+    """A rest that ends by itself at a known time and needs nothing of the key: a rate limit's."""
+    if status.until is None:
+        return False
+    return status.state is KeyState.SATURATED or status.last_outcome is Outcome.RATE_LIMITED
+
+
 def _describe(provider: str, status: KeyStatus, now: float) -> str:
     scope = "every model" if status.scope is ALL_MODELS else f"model '{status.scope}'"
     why = f" after {status.last_outcome.value}" if status.last_outcome else ""
+    if status.limit is not None:
+        why = f" ({status.limit} limit)"
     until = f" for {max(status.until - now, 0):.0f} s" if status.until is not None else " (probe in flight)"
     return f"{provider}/{status.key} {status.state.value} for {scope}{why}{until}"

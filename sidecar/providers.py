@@ -268,6 +268,7 @@ class ProviderSpec:
     terminal_events: tuple[bytes, ...]
     default_headers: tuple[tuple[str, str], ...] = ()
     stream_errors: bool = False  # errors may arrive as the first event of a 200 SSE stream
+    rate_limits: str | None = None  # the family of rate-limit headers on its answers (capacity.REPORTS)
 
     def error_json(self, status: int, code: str, message: str) -> bytes:
         return json.dumps(self.error_body(status, code, message)).encode()
@@ -300,9 +301,11 @@ def _spec(
 
 
 PROVIDERS: dict[str, ProviderSpec] = {
-    "openai": _spec("openai", "authorization", "Bearer ", "body", _openai_error, _OPENAI_TERMINAL),
+    "openai": _spec(
+        "openai", "authorization", "Bearer ", "body", _openai_error, _OPENAI_TERMINAL, rate_limits="openai"
+    ),
     "openai-compatible": _spec(
-        "openai-compatible", "authorization", "Bearer ", "body", _openai_error, _OPENAI_TERMINAL
+        "openai-compatible", "authorization", "Bearer ", "body", _openai_error, _OPENAI_TERMINAL, rate_limits="openai"
     ),
     "anthropic": _spec(
         "anthropic",
@@ -313,9 +316,10 @@ PROVIDERS: dict[str, ProviderSpec] = {
         _ANTHROPIC_TERMINAL,
         default_headers=(("anthropic-version", "2023-06-01"),),
         stream_errors=True,
+        rate_limits="anthropic",
     ),
     "gemini": _spec("gemini", "x-goog-api-key", "", "path", _gemini_error, _GEMINI_TERMINAL),
-    "azure": _spec("azure", "api-key", "", "deployment", _openai_error, _OPENAI_TERMINAL),
+    "azure": _spec("azure", "api-key", "", "deployment", _openai_error, _OPENAI_TERMINAL, rate_limits="openai"),
 }
 PROVIDER_TYPES = tuple(PROVIDERS)
 # Anthropic's 529 is the provider being overloaded, whichever key asked.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sidecar import websocket
 from sidecar._aiohttp import disable_connection_retry, stop_read_timeout
 from sidecar.accesslog import AccessLog
 from sidecar.affinity import Owner, created_id, creates_resource, upload_session
+from sidecar.capacity import estimate_tokens
 from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start, transport_outcome
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
@@ -33,6 +35,7 @@ from sidecar.redact import BodyScrubber, EventScrubber
 from sidecar.runtime import Provider, Runtime
 from sidecar.spool import SpooledBody
 from sidecar.usage import UsageTail
+from sidecar.waiting import WaitingLine
 
 log = logging.getLogger("keymux")
 
@@ -53,6 +56,7 @@ class Proxy:
         self.access = access or AccessLog()
         self.session: aiohttp.ClientSession | None = None
         self.streaming: dict[Relay, None] = {}  # answers being streamed, for the idle watch
+        self.line = WaitingLine()  # requests waiting for a saturated or rate-limited key
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -139,6 +143,7 @@ class Exchange:
         self.status = 0
         self.ttfb: float | None = None
         self.upstream_time = 0.0  # waiting for upstream headers
+        self.waited = 0.0  # waiting in line for a key to free up
 
     @property
     def prepared(self) -> bool:
@@ -167,21 +172,43 @@ class Exchange:
         if rejected is not None:
             return rejected
         plan = self.plan = self._plan(self._pin())
-        attempt = plan.next()
+        if self.proxy.line:  # others wait for keys: behind them, not before
+            attempt = await self._wait(plan, behind=True)
+        else:
+            attempt = plan.next()
         if attempt is None:
-            return self.local(plan.no_key())
+            attempt = await self._wait(plan)
+            if attempt is None:
+                return self.local(plan.no_key())
         while True:
             result = await self._attempt(attempt)
             if not isinstance(result, _Held):
                 return result
-            attempt = plan.next()
+            attempt = plan.next() or await self._wait(plan)
             if attempt is None:
                 return await self._give_last_answer(result)
             if result.response is not None:
                 result.response.close()
 
     def _plan(self, pin: tuple[str, Owner] | None) -> Plan[Provider]:
-        return Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self, pin)
+        spool = self.spool
+        tokens = estimate_tokens(self.body) if spool is None else estimate_tokens(spool.head, spool.size)
+        return Plan(self.providers, self.model_for, self.rt.config.retry, self.rt.clock, self, pin, tokens)
+
+    async def _wait(self, plan: Plan[Provider], behind: bool = False) -> Attempt[Provider] | None:
+        """Wait in line for a key that frees up soon (retry.max_wait), when the plan says one
+        will; `behind`: a new request's one try at once, behind those already waiting."""
+        now = plan.clock()
+        window = (now, now) if behind else plan.wait_until()
+        if window is None:
+            return None
+        started = self.loop.time()
+        attempt = await self.proxy.line.wait(plan, window)
+        waited = self.loop.time() - started
+        self.waited += waited
+        if not behind:
+            self.metrics.capacity_wait("served" if attempt is not None else "gave_up").observe(waited)
+        return attempt
 
     def app_url(self, upstream_url: str, base_url: str) -> str:
         """An upstream URL the app is told to call next, made to point back at keymux."""
@@ -345,6 +372,8 @@ class Exchange:
             try:
                 response = await self._send(provider, attempt)
                 self.ttfb = clock() - sent
+                if provider.report is not None and (report := provider.report(response.headers, time.time())):
+                    attempt.learn(report)
                 self.metrics.ttfb(provider.name, self._model_label()).observe(self.ttfb)
                 verdict, prefix = await self._judge(provider, response)
             except _TRANSPORT_ERRORS as exc:
@@ -417,9 +446,16 @@ class Exchange:
         if held.response is None:
             assert self.plan is not None
             return self.local(self.plan.exhausted())
-        last = self.plan.last if self.plan else None
-        assert last is not None and last.verdict is not None
+        plan = self.plan
+        last = plan.last if plan is not None else None
+        assert plan is not None and last is not None and last.verdict is not None
         relay = self.relay = Relay(self, last.provider, held.response, held.prefix, last.verdict, usage=False)
+        if last.verdict.outcome is Outcome.RATE_LIMITED and "retry-after" not in held.response.headers:
+            # The app's SDK backs off by Retry-After: say when a key is free again, as keymux knows it.
+            ready = plan.recovery()
+            rest = last.verdict.retry_after if ready is None else ready - plan.clock()
+            if rest is not None:
+                relay.retry_after = str(max(1, math.ceil(rest)))
         try:
             return await relay.run()
         finally:
@@ -505,7 +541,8 @@ class Exchange:
         metrics = self.metrics
         metrics.requests(self.route_label, provider, model, outcome).inc()
         metrics.duration(self.route_label, model, outcome).observe(duration)
-        metrics.overhead(self.route_label).observe(max(duration - self.upstream_time - streaming, 0.0))
+        inside = duration - self.upstream_time - streaming - self.waited
+        metrics.overhead(self.route_label).observe(max(inside, 0.0))
         if plan is not None:
             for name, result in plan.provider_outcomes.items():
                 metrics.provider_requests(name, model, result.value).inc()
@@ -548,6 +585,7 @@ class Relay:
         "prepared",
         "provider",
         "response",
+        "retry_after",
         "spec",
         "streaming_time",
         "usage",
@@ -579,6 +617,7 @@ class Relay:
         self.idle_limit = exchange.rt.config.timeouts.idle
         self.streaming_time = 0.0
         self._tail = b""  # the last chunk forwarded, to tell a finished stream from a cut one
+        self.retry_after: str | None = None  # a Retry-After to add to the answer
 
     async def run(self) -> web.StreamResponse:
         exchange, response = self.exchange, self.response
@@ -586,6 +625,8 @@ class Relay:
         exchange.status = response.status
         out = web.StreamResponse(status=response.status, reason=response.reason)
         length_known = _copy_response_headers(response.headers, out)
+        if self.retry_after is not None:
+            out.headers["Retry-After"] = self.retry_after
         if (upload := out.headers.get("X-Goog-Upload-URL")) is not None:
             # A resumable upload goes on at the URL the start answered: through keymux, not around it.
             out.headers["X-Goog-Upload-URL"] = exchange.app_url(upload, self.provider.config.base_url)

@@ -7,20 +7,21 @@ health of every key whose provider, name and value are unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from yarl import URL
 
 from sidecar.affinity import Affinity
+from sidecar.capacity import REPORTS, Capacity, ReportParser
 from sidecar.classify import Patterns
 from sidecar.config import Config, ProviderConfig, Route
-from sidecar.health import ALL_MODELS, Clock, LocalHealth
+from sidecar.health import ALL_MODELS, Clock, KeyStatus, LocalHealth
 from sidecar.keys import Key
 from sidecar.providers import APP_CREDENTIAL_HEADERS, HOP_BY_HOP_HEADERS, PROVIDERS, Credential, ProviderSpec
 from sidecar.redact import Redactor
-from sidecar.selection import RoundRobin
+from sidecar.selection import WeightedRoundRobin
 
 _MAX_URLS = 1024
 # Bodies are read to classify them and to find usage, so answers come unencoded.
@@ -32,13 +33,24 @@ class Provider:
     name: str  # config.name, read on every request
     config: ProviderConfig
     spec: ProviderSpec
-    selector: RoundRobin
+    selector: WeightedRoundRobin
     health: LocalHealth
+    capacity: Capacity
+    report: ReportParser | None  # reads the rate-limit headers of the provider's answers
     patterns: Patterns
     credential: Credential
     # What every request with a given key carries besides its credential, built once: the
     # provider's and the key's configured headers, and identity encoding.
     key_headers: Mapping[str, tuple[tuple[str, str], ...]]
+
+    def statuses(self) -> Iterator[KeyStatus]:
+        """The rows of /keys and keymux_key_state: every key's health, a saturation in place of
+        a usable row of the same (key, scope), then the other saturations."""
+        saturated = {(status.key, status.scope): status for status in self.capacity.statuses()}
+        for status in self.health.statuses():
+            instead = saturated.pop((status.key, status.scope), None)
+            yield instead if instead is not None and status.until is None else status
+        yield from saturated.values()
 
     def headers_for(self, key: Key, method: str, url: str, body: bytes) -> tuple[tuple[str, str], ...]:
         """Everything a request made with `key` adds to the app's headers."""
@@ -73,14 +85,20 @@ class Runtime:
         spec = PROVIDERS[pc.type]
         settings = self.config.health
         health = LocalHealth([key.name for key in pc.keys], settings, self.clock)
-        selector = RoundRobin(pc.keys, health, settings.max_models)
+        capacity = Capacity(pc.keys, self.clock, settings.max_models)
+        selector = WeightedRoundRobin(pc.keys, health, capacity, settings.max_models)
         if old is not None:
             before = {(k.name, k.secret) for k in old.config.keys}
-            health.adopt(old.health, {k.name for k in pc.keys if (k.name, k.secret) in before})
+            unchanged = {k.name for k in pc.keys if (k.name, k.secret) in before}
+            health.adopt(old.health, unchanged)
+            capacity.adopt(old.capacity, unchanged)
             selector.adopt(old.selector)
         key_headers = {key.name: (*pc.headers, *key.headers, _IDENTITY) for key in pc.keys}
         credential = spec.credential(pc.keys, self.redact.learn)
-        return Provider(pc.name, pc, spec, selector, health, Patterns(pc.patterns), credential, key_headers)
+        report = REPORTS.get(spec.rate_limits) if spec.rate_limits else None
+        return Provider(
+            pc.name, pc, spec, selector, health, capacity, report, Patterns(pc.patterns), credential, key_headers
+        )
 
     def url(self, text: str) -> URL:
         """The upstream URL for `text` (a base_url and a checked path), parsed once."""

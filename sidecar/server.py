@@ -55,7 +55,8 @@ class Sidecar:
         self.proxy = Proxy(Runtime(config, clock), self.metrics, access or AccessLog())
         self.proxy.access.enabled = _access_enabled(config)
         self.metrics.models.known |= self.proxy.runtime.known_models
-        self.metrics.watch_health(lambda: [(p.name, p.health) for p in self.proxy.runtime.providers.values()])
+        self.metrics.watch_health(lambda: [(p.name, p) for p in self.proxy.runtime.providers.values()])
+        self.metrics.watch_capacity(lambda: [(p.name, p.capacity) for p in self.proxy.runtime.providers.values()])
         self.draining = False
         self.admin = self._admin_app()
         self._runners: dict[str, web.BaseRunner] = {}
@@ -81,6 +82,7 @@ class Sidecar:
             await asyncio.sleep(60)
             for provider in self.runtime.providers.values():
                 provider.health.sweep()
+                provider.capacity.sweep(provider.health.settings.idle_expiry)
 
     # -- admin endpoints -------------------------------------------------------------------
 
@@ -107,7 +109,7 @@ class Sidecar:
         now_mono, now_wall = self.clock(), time.time()
         rows = []
         for provider in self.runtime.providers.values():
-            for status in provider.health.statuses():
+            for status in provider.statuses():
                 until = None if status.until is None else now_wall + (status.until - now_mono)
                 rows.append(
                     {
@@ -118,6 +120,7 @@ class Sidecar:
                         "until": None if until is None else _iso(until),
                         "consecutive_failures": status.failures,
                         "last_failure": None if status.last_outcome is None else status.last_outcome.value,
+                        "limit": status.limit,
                     }
                 )
         return rows

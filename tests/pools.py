@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 
+from sidecar.capacity import Capacity
 from sidecar.classify import Verdict
 from sidecar.health import Clock, HealthSettings, KeyStatus, LocalHealth
 from sidecar.keys import Key
-from sidecar.selection import RoundRobin
+from sidecar.selection import WeightedRoundRobin
 
 
 class Pool:
     def __init__(self, keys: Sequence[Key], settings: HealthSettings, clock: Clock) -> None:
         self.health = LocalHealth([key.name for key in keys], settings, clock)
-        self.selector = RoundRobin(keys, self.health, settings.max_models)
+        self.capacity = Capacity(keys, clock, settings.max_models)
+        self.selector = WeightedRoundRobin(keys, self.health, self.capacity, settings.max_models)
 
-    def choose(self, model: str, exclude: Collection[str] = ()) -> Key | None:
-        return self.selector.choose(model, exclude)
+    def choose(self, model: str, exclude: Collection[str] = (), tokens: int = 0) -> Key | None:
+        return self.selector.choose(model, exclude, tokens)
 
     def record(self, key: str, model: str, verdict: Verdict) -> None:
         self.health.record(key, model, verdict)

@@ -67,9 +67,12 @@ async def test_a_key_whose_streams_break_mid_body_is_cooled_at_the_threshold_unt
     clock.now += 29
     assert await stream_raw(km) == (200, True)  # still cooling: b
     clock.now += 1
-    assert await stream_raw(km) == (200, False)  # the half-open probe goes to a, and fails
+    # a is half-open: it rejoins the weighted rotation where it left it (b's turn comes first),
+    # and its one probe fails.
     assert await stream_raw(km) == (200, True)
-    assert fake.provider.keys_seen()[9:] == [B, A, B]
+    assert await stream_raw(km) == (200, False)
+    assert await stream_raw(km) == (200, True)
+    assert fake.provider.keys_seen()[9:] == [B, B, A, B]
 
 
 def read_openai_stream(base_url: str, *, stop_after: int | None = None) -> list[Any]:

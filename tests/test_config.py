@@ -105,7 +105,7 @@ def test_single_provider_without_routes_serves_the_root():
         (
             BASE.replace("models: [gpt-4o-mini]", "modles: [gpt-4o-mini]"),
             {"OPENAI_KEY_PRIMARY": "k"},
-            "providers.openai.keys[1].modles: unknown field (expected one of: name, key, key_file, models, headers)",
+            "providers.openai.keys[1].modles: unknown field (expected one of: name, key, key_file, models, headers, weight, rpm, tpm)",
         ),
         (
             BASE + "health:\n  failure_threshold: 0\n",

@@ -4,11 +4,13 @@ real scrape of a running keymux that has served traffic touching every metric fa
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import shutil
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,9 +174,14 @@ async def scrape(fake: FakeServer, keymux: StartKeymux) -> Scrape:
             assert r.status == 200
             await r.read()
     message = {"model": "claude-3-5-haiku", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
-    async with km.session.post(km.url + "/anthropic/v1/messages", json=message) as r:
-        assert r.status == 200
-        await r.read()
+    # The only Anthropic key says it has no request left for a moment: the second request waits for it.
+    reset = datetime.datetime.fromtimestamp(time.time() + 0.3, datetime.UTC).isoformat()
+    limits = {"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "0"}
+    fake.provider.script(key=CLAUDE, headers={**limits, "anthropic-ratelimit-requests-reset": reset}, times=1)
+    for _ in range(2):
+        async with km.session.post(km.url + "/anthropic/v1/messages", json=message) as r:
+            assert r.status == 200
+            await r.read()
     assert km.sidecar.reload("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n" + textwrap.dedent(config))
 
     async with km.session.get(km.admin + "/metrics") as r:

@@ -425,6 +425,7 @@ def _healthy_keys() -> list[dict[str, object]]:
         "until": None,
         "consecutive_failures": 0,
         "last_failure": None,
+        "limit": None,
     }
     return [{**row, "key": "a"}, {**row, "key": "b"}]
 

@@ -224,11 +224,11 @@ def test_a_concurrent_success_does_not_end_a_newer_cooldown():
 
 
 def test_tracked_models_are_capped_and_idle_entries_expire():
-    pool, clock = make_pool(("a",), HealthSettings(max_models=50, idle_expiry=3600))
+    pool, clock = make_pool(("a", "b"), HealthSettings(max_models=50, idle_expiry=3600))
     for i in range(10_000):
         pool.choose(f"model-{i}")
         pool.record("a", f"model-{i}", Verdict(Outcome.PERMISSION_ERROR))
-    assert len(pool.selector._cursors) == 50
+    assert len(pool.selector._current) == 50
     assert pool.entry_count() <= 50
     clock.advance(3600 * 3)
     pool.sweep()
@@ -243,3 +243,46 @@ def test_adopt_keeps_health_for_unchanged_keys_only():
     new.adopt(old, unchanged={"a"})
     assert new.choose("m").name == "b"
     assert new.choose("m").name == "b"
+
+
+# -- quota windows (Gemini's per-day quotas) -----------------------------------------------------
+
+
+def daily(seconds: float) -> Verdict:
+    return Verdict(Outcome.RATE_LIMITED, retry_after=seconds, quota_window=True)
+
+
+def test_a_daily_quota_rests_the_model_until_its_window_ends_not_for_rate_limit_cooldown_max():
+    pool, clock = make_pool(("a",))
+    pool.record("a", "gemini-2.0-flash", daily(79_200.0))
+    (status,) = pool.blocking("gemini-2.0-flash")
+    assert (status.scope, status.state, status.until) == ("gemini-2.0-flash", KeyState.COOLING, 1000.0 + 79_200.0)
+    clock.advance(79_199.9)
+    assert pool.choose("gemini-2.0-flash") is None
+    clock.advance(0.1)
+    assert pool.choose("gemini-2.0-flash").name == "a"  # half-open: one probe after midnight
+
+
+def test_a_daily_quota_rest_is_capped_by_quota_window_max():
+    pool, _ = make_pool(("a",), HealthSettings(quota_window_max=86_400.0, rate_limit_cooldown_max=100.0))
+    pool.record("a", "m", daily(88_200.0))
+    pool.record("a", "n", daily(50_000.0))
+    assert [s.until for s in pool.blocking("m")] == [1000.0 + 86_400.0]
+    assert [s.until for s in pool.blocking("n")] == [1000.0 + 50_000.0]
+
+
+def test_a_retry_delay_that_is_not_a_quota_window_keeps_the_rate_limit_cap():
+    pool, _ = make_pool(("a",), HealthSettings(rate_limit_cooldown_max=100.0))
+    pool.record("a", "m", Verdict(Outcome.RATE_LIMITED, retry_after=37.0))
+    pool.record("a", "n", Verdict(Outcome.RATE_LIMITED, retry_after=50_000.0))
+    assert [s.until for s in pool.blocking("m")] == [1037.0]
+    assert [s.until for s in pool.blocking("n")] == [1100.0]
+
+
+def test_a_key_out_of_its_daily_quota_for_one_model_keeps_serving_the_others():
+    pool, _ = make_pool(("a", "b"))
+    pool.record("a", "gemini-2.0-flash", daily(79_200.0))
+    assert chosen(pool, "gemini-2.0-flash", 4) == {"b": 4}
+    assert chosen(pool, "gemini-2.5-pro", 4) == {"a": 2, "b": 2}
+    rows = {(s.key, s.scope): s.state for s in pool.statuses()}
+    assert rows[("a", ALL_MODELS)] is KeyState.USABLE

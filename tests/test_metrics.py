@@ -489,9 +489,9 @@ async def test_keys_lists_each_key_and_each_cooling_model(fake: FakeServer, keym
 
     untils = [row.pop("until") for row in rows]
     assert rows == [
-        {"provider": "openai", "key": "a", "model": "*", "state": "disabled", "consecutive_failures": 0, "last_failure": "credential_error"},
-        {"provider": "openai", "key": "b", "model": "*", "state": "usable", "consecutive_failures": 0, "last_failure": None},
-        {"provider": "openai", "key": "b", "model": "gpt-4o", "state": "cooling", "consecutive_failures": 0, "last_failure": "rate_limited"},
+        {"provider": "openai", "key": "a", "model": "*", "state": "disabled", "consecutive_failures": 0, "last_failure": "credential_error", "limit": None},
+        {"provider": "openai", "key": "b", "model": "*", "state": "usable", "consecutive_failures": 0, "last_failure": None, "limit": None},
+        {"provider": "openai", "key": "b", "model": "gpt-4o", "state": "cooling", "consecutive_failures": 0, "last_failure": "rate_limited", "limit": None},
     ]  # fmt: skip
     assert untils[1] is None
     assert ISO.match(untils[0]) and ISO.match(untils[2])

@@ -6,13 +6,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from sidecar.capacity import Capacity
 from sidecar.classify import CLIENT_ERROR, DISCONNECTED, SUCCESS, Verdict
 from sidecar.config import RetryConfig
 from sidecar.health import ALL_MODELS, HealthSettings, KeyState, LocalHealth
 from sidecar.keys import Key
 from sidecar.outcome import Outcome
 from sidecar.plan import Attempt, AttemptFinishedTwice, Plan
-from sidecar.selection import RoundRobin
+from sidecar.selection import WeightedRoundRobin
 
 
 class Clock:
@@ -26,8 +27,9 @@ class Clock:
 @dataclass
 class Upstream:
     name: str
-    selector: RoundRobin
+    selector: WeightedRoundRobin
     health: LocalHealth
+    capacity: Capacity
 
 
 @dataclass
@@ -53,7 +55,8 @@ def upstream(name: str, keys: str, clock: Clock, settings: HealthSettings | None
     settings = settings or HealthSettings()
     key_list = [Key(k, f"secret-{name}-{k}-0000", models.get(k)) for k in keys.split()]
     health = LocalHealth([k.name for k in key_list], settings, clock)
-    return Upstream(name, RoundRobin(key_list, health, settings.max_models), health)
+    capacity = Capacity(key_list, clock, settings.max_models)
+    return Upstream(name, WeightedRoundRobin(key_list, health, capacity, settings.max_models), health, capacity)
 
 
 def plan_for(*upstreams: Upstream, clock: Clock, model: str = "gpt-4o", retry: RetryConfig | None = None):
@@ -225,7 +228,8 @@ def test_no_key_when_every_key_is_rate_limited_is_429_with_the_earliest_retry_af
     )
 
 
-def test_no_key_with_a_revoked_key_among_them_is_503() -> None:
+def test_no_key_with_a_revoked_key_among_rate_limited_ones_is_429() -> None:
+    """Waiting helps as long as one key only rests for a rate limit: 429, not 503."""
     clock = Clock()
     openai = upstream("openai", "a b", clock)
     openai.health.record("a", "gpt-4o", RATE_LIMITED)
@@ -234,8 +238,20 @@ def test_no_key_with_a_revoked_key_among_them_is_503() -> None:
 
     assert plan.next() is None
     answer = plan.no_key()
-    assert (answer.status, answer.retry_after_header) == (503, "20")
+    assert (answer.status, answer.retry_after_header) == (429, "20")
     assert "openai/b disabled for every model after credential_error for 600 s" in answer.message
+
+
+def test_no_key_when_none_recovers_by_itself_is_503() -> None:
+    clock = Clock()
+    openai = upstream("openai", "a b", clock)
+    openai.health.record("a", "gpt-4o", Verdict(Outcome.PERMISSION_ERROR))
+    openai.health.record("b", "gpt-4o", CREDENTIAL)
+    plan, _ = plan_for(openai, clock=clock)
+
+    assert plan.next() is None
+    answer = plan.no_key()
+    assert (answer.status, answer.retry_after_header) == (503, "300")
 
 
 def test_no_key_allowed_the_model_says_so() -> None:

@@ -332,6 +332,6 @@ def test_state_stays_bounded_whatever_model_names_arrive(
             key_name, model = in_flight.pop(0)
             pool.record(key_name, model, verdicts[i % len(verdicts)])
         worst_entries = max(worst_entries, pool.entry_count())
-        worst_cursors = max(worst_cursors, len(pool.selector._cursors))
+        worst_cursors = max(worst_cursors, len(pool.selector._current))
     assert worst_cursors <= POLICY.max_models
     assert worst_entries <= len(KEY_NAMES) * (POLICY.max_models + 1)
