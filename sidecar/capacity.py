@@ -270,6 +270,9 @@ class Ticket:
     tokens: int
 
 
+_UNREPORTED = Ticket(0, 0)  # a request to a provider that reports no limits: nothing to learn
+
+
 class _Local:
     """A key's configured rpm and tpm, counted over a sliding minute."""
 
@@ -319,10 +322,11 @@ class Gauge:
 class Capacity:
     """The capacity record of one provider's keys."""
 
-    def __init__(self, keys: Sequence[Key], clock: Clock, max_models: int = 1000) -> None:
+    def __init__(self, keys: Sequence[Key], clock: Clock, max_models: int = 1000, reported: bool = True) -> None:
         self.keys = tuple(keys)
         self._clock = clock
         self.max_models = max_models
+        self.reported = reported  # whether the provider's answers report rate limits
         self._weights = {key.name: key.weight for key in keys}
         self._local = {key.name: _Local(key.rpm, key.tpm) for key in keys if key.rpm or key.tpm}
         self._rooms: OrderedDict[str, dict[str, Room]] = OrderedDict()  # model -> key -> room, LRU first
@@ -380,6 +384,8 @@ class Capacity:
         local = self._local.get(key)
         if local is not None:
             local.take(tokens, now)
+        if not self.reported:
+            return _UNREPORTED
         room = self._room(key, model)
         room.used = now
         room.sent += 1

@@ -85,7 +85,8 @@ class Runtime:
         spec = PROVIDERS[pc.type]
         settings = self.config.health
         health = LocalHealth([key.name for key in pc.keys], settings, self.clock)
-        capacity = Capacity(pc.keys, self.clock, settings.max_models)
+        report = REPORTS.get(spec.rate_limits) if spec.rate_limits else None
+        capacity = Capacity(pc.keys, self.clock, settings.max_models, reported=report is not None)
         selector = WeightedRoundRobin(pc.keys, health, capacity, settings.max_models)
         if old is not None:
             before = {(k.name, k.secret) for k in old.config.keys}
@@ -95,7 +96,6 @@ class Runtime:
             selector.adopt(old.selector)
         key_headers = {key.name: (*pc.headers, *key.headers, _IDENTITY) for key in pc.keys}
         credential = spec.credential(pc.keys, self.redact.learn)
-        report = REPORTS.get(spec.rate_limits) if spec.rate_limits else None
         return Provider(
             pc.name, pc, spec, selector, health, capacity, report, Patterns(pc.patterns), credential, key_headers
         )
