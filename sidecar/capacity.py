@@ -260,6 +260,8 @@ class Room:
     reported: int = 0  # the number of the newest request whose answer was learned
     requests: Budget | None = None
     tokens: Budget | None = None
+    held_until: float = 0.0  # another pod found it out of requests: none go to it before this
+    announced: float = 0.0  # the end of the last saturation this pod told its fleet of
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +333,8 @@ class Capacity:
         self._local = {key.name: _Local(key.rpm, key.tpm) for key in keys if key.rpm or key.tpm}
         self._rooms: OrderedDict[str, dict[str, Room]] = OrderedDict()  # model -> key -> room, LRU first
         self.avoided: dict[tuple[str, str], int] = {}  # (key, limit) -> requests kept off it
+        # Told when an answer leaves a (key, model) out of requests: (key, model, seconds), if any.
+        self.watcher: Callable[[str, str, float], None] | None = None
 
     # -- asked by selection ----------------------------------------------------------------
 
@@ -345,8 +349,10 @@ class Capacity:
         now = self._clock()
         found = None
         if room is not None:
+            if room.held_until > now:
+                found = (room.held_until, REQUESTS)
             if room.requests is not None and (at := room.requests.ready(1, now)) is not None:
-                found = (at, REQUESTS)
+                found = max(found, (at, REQUESTS)) if found else (at, REQUESTS)
             if tokens and room.tokens is not None and (at := room.tokens.ready(tokens, now)) is not None:
                 found = max(found, (at, TOKENS)) if found else (at, TOKENS)
         if local is not None and (held := local.ready(tokens, now)) is not None:
@@ -413,12 +419,24 @@ class Capacity:
                 room.requests = _budget(report.requests, behind, now)
             else:
                 room.requests.learn(report.requests, behind, now)
+            # The provider says none is left: the fleet rests it too (once per saturation).
+            out = report.requests.remaining < 1 and self.watcher is not None
+            if out and (at := room.requests.ready(1, now)) is not None and at > room.announced:
+                room.announced = at
+                self.watcher(key, model, at - now)  # type: ignore[misc]
         if report.tokens is not None:
             behind_tokens = room.sent_tokens - ticket.tokens
             if room.tokens is None:
                 room.tokens = _budget(report.tokens, behind_tokens, now)
             else:
                 room.tokens.learn(report.tokens, behind_tokens, now)
+
+    def hold(self, key: str, model: str, seconds: float) -> None:
+        """Another pod's answer left (key, model) with no request: none go to it for `seconds`."""
+        if not self.reported:
+            return
+        room = self._room(key, model)
+        room.held_until = max(room.held_until, self._clock() + seconds)
 
     def _room(self, key: str, model: str) -> Room:
         rooms = self._rooms
@@ -455,6 +473,8 @@ class Capacity:
                     for kind, budget in ((REQUESTS, room.requests), (TOKENS, room.tokens))
                     if budget is not None and (at := budget.ready(1, now)) is not None
                 ]
+                if room.held_until > now:
+                    short.append((room.held_until, REQUESTS))
                 if short:
                     yield _saturated(key, model, max(short))
 

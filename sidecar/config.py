@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -78,6 +78,27 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class SharedConfig:
+    """The optional `shared:` section: a Redis the fleet's pods share key health through."""
+
+    redis_url: str = field(repr=False)  # redis://, rediss:// (TLS) or unix://; may hold a password
+    password: str | None = field(default=None, repr=False)  # from password_env or password_file
+    namespace: str = "keymux"  # the prefix of every Redis key and channel
+    timeout: float = 0.25  # every Redis call; past it the pod serves from what it knows
+    connect_timeout: float = 1.0
+    resync_interval: float = 5.0  # a full read of the fleet's state, for messages a pod missed
+    queue_size: int = 10_000  # what a pod learned, waiting to be written; overflow is counted and dropped
+    probe_lease: float = 30.0  # one pod probes a key whose rest ended; the others wait this long at most
+
+    def secrets(self) -> set[str]:
+        found = {self.password} if self.password else set()
+        password = urlsplit(self.redis_url).password
+        if password:
+            found.add(password)
+        return found
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     max_models: int = 100  # distinct model label values before the rest count as "other"
 
@@ -108,12 +129,15 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     security: SecurityConfig = SecurityConfig()
+    shared: SharedConfig | None = None  # None: this pod keeps its own state, the embedded default
     warnings: tuple[str, ...] = ()
 
     def secrets(self) -> set[str]:
         secrets = {key.secret for provider in self.providers.values() for key in provider.keys}
         if self.security.inbound_token:
             secrets.add(self.security.inbound_token)
+        if self.shared is not None:
+            secrets |= self.shared.secrets()
         return secrets
 
     def key_files(self) -> set[str]:
@@ -138,6 +162,7 @@ _TOP_FIELDS = (
     "limits",
     "metrics",
     "shutdown",
+    "shared",
     "security",
 )
 _PROVIDER_FIELDS = ("type", "base_url", "keys", "keys_from_env", "patterns", "headers", "affinity")
@@ -169,6 +194,7 @@ def load_config(text: str, env: Mapping[str, str], read_file: ReadFile) -> Confi
         metrics=_section(raw, "metrics", MetricsConfig),
         shutdown=_section(raw, "shutdown", ShutdownConfig),
         security=loader.security(raw.get("security")),
+        shared=loader.shared(raw.get("shared")),
         warnings=tuple(loader.warnings),
     )
 
@@ -313,6 +339,39 @@ class _Loader:
         if not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9-]+", header):
             raise ConfigError("security.inbound_header", "is not a valid header name")
         return SecurityConfig(token, header.lower())
+
+    def shared(self, raw: Any) -> SharedConfig | None:
+        if raw is None:
+            return None
+        numbers = ("timeout", "connect_timeout", "resync_interval", "queue_size", "probe_lease")
+        _mapping(raw, "shared", ("redis_url", "namespace", "password_env", "password_file", *numbers))
+        if "redis_url" not in raw:
+            raise ConfigError("shared.redis_url", "is required (redis://, rediss:// or unix://)")
+        url = self.interpolate(raw["redis_url"], "shared.redis_url").strip()
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise ConfigError("shared.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        password = None
+        if "password_env" in raw and "password_file" in raw:
+            raise ConfigError("shared", "give at most one of 'password_env' and 'password_file'")
+        if "password_env" in raw:
+            var = raw["password_env"]
+            if not isinstance(var, str) or not self.env.get(var, "").strip():
+                raise ConfigError("shared.password_env", f"environment variable {var} is not set")
+            password = self.env[var].strip()
+        elif "password_file" in raw:
+            path = self.interpolate(raw["password_file"], "shared.password_file")
+            password = self.secret_file(path, "shared.password_file")
+        namespace = raw.get("namespace", "keymux")
+        if not isinstance(namespace, str) or not _NAME.match(namespace):
+            raise ConfigError("shared.namespace", "uses letters, digits, '.', '_' and '-' (64 at most)")
+        defaults = SharedConfig(redis_url=url)
+        values: dict[str, Any] = {
+            name: _number(raw[name], f"shared.{name}", integer=isinstance(getattr(defaults, name), int))
+            for name in numbers
+            if name in raw
+        }
+        return replace(defaults, password=password, namespace=namespace, **values)
 
     def headers(self, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
         if raw is None:

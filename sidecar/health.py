@@ -108,6 +108,22 @@ class KeyStatus:
     limit: str | None = None  # for a saturated key: the limit that holds it (requests, tokens, rpm, tpm)
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a pod learned about a key that the rest of its fleet should know: a rest that
+    began or grew longer (`seconds` from now), or a rest a proven success ended (`cleared`)."""
+
+    key: str
+    scope: Scope
+    cleared: bool
+    outcome: Outcome | None = None
+    seconds: float = 0.0
+    strikes: int = 0
+
+
+Watcher = Callable[[Change], None]
+
+
 class HealthStore(Protocol):
     """What selection and the attempt ask of a health record. Every call is synchronous."""
 
@@ -145,6 +161,7 @@ class LocalHealth:
         self._clock = clock
         self._wide: dict[str, Entry] = {}
         self._models: OrderedDict[str, dict[str, Entry]] = OrderedDict()  # least recently used first
+        self.watcher: Watcher | None = None  # told what this pod learned (the fleet link), if any
 
     # -- asked by selection ----------------------------------------------------------------
 
@@ -190,13 +207,61 @@ class LocalHealth:
             self._release(key, model)
         elif verdict.key_wide:
             entry = self._wide.setdefault(key, Entry())
+            before = entry.until
             if outcome is Outcome.CREDENTIAL_ERROR:
                 seconds = backoff(settings.credential_cooldown, settings.credential_cooldown_max, entry.strikes)
             else:
                 seconds = settings.quota_cooldown
             _cool(entry, seconds, now, outcome)
+            self._announce(key, ALL_MODELS, entry, before, now)
         else:
-            self._record_scoped(self._scoped_entry(key, model, now), verdict, now)
+            entry = self._scoped_entry(key, model, now)
+            before = entry.until
+            self._record_scoped(entry, verdict, now)
+            self._announce(key, model, entry, before, now)
+
+    def _announce(self, key: str, scope: Scope, entry: Entry, before: float, now: float) -> None:
+        if self.watcher is not None and entry.until > now and entry.until != before:
+            self.watcher(Change(key, scope, False, entry.last_outcome, entry.until - now, entry.strikes))
+
+    # -- what the rest of the fleet learned --------------------------------------------------
+
+    def rest(self, key: str, scope: Scope, outcome: Outcome | None, seconds: float, strikes: int = 0) -> bool:
+        """Another pod saw `key` fail: rest it too. The later deadline wins; a rest is never
+        shortened (only a proven success ends one early). True when it changed anything."""
+        now = self._clock()
+        entry = self._wide.setdefault(key, Entry()) if scope is ALL_MODELS else self._scoped_entry(key, scope, now)
+        until = now + seconds
+        if entry.until >= until:
+            return False
+        entry.until = until
+        entry.strikes = max(entry.strikes, strikes)
+        entry.cooled = True
+        entry.probing_since = None
+        entry.last_outcome, entry.last_failure_at = outcome, now
+        return True
+
+    def hold(self, key: str, scope: Scope, until: float) -> None:
+        """Another pod holds the probe of this key: keep it resting here until `until` (or a verdict)."""
+        table = self._wide if scope is ALL_MODELS else self._models.get(scope)
+        entry = table.get(key) if table is not None else None
+        if entry is not None and entry.cooled:
+            entry.until = max(entry.until, until)
+
+    def clear(self, key: str, scope: Scope) -> bool:
+        """Another pod's probe of `key` succeeded: its rest is over here too."""
+        table = self._wide if scope is ALL_MODELS else self._models.get(scope)
+        if table is None or table.pop(key, None) is None:
+            return False
+        if scope is not ALL_MODELS and not table:
+            del self._models[scope]
+        return True
+
+    def resting(self, key: str, scope: Scope) -> tuple[float, bool] | None:
+        """(when its rest ends, whether it is half-open after it) for the fleet's probe lease."""
+        table = self._wide if scope is ALL_MODELS else self._models.get(scope)
+        entry = table.get(key) if table is not None else None
+        return None if entry is None else (entry.until, entry.cooled)
 
     def _record_scoped(self, entry: Entry, verdict: Verdict, now: float) -> None:
         outcome = verdict.outcome
@@ -228,6 +293,8 @@ class LocalHealth:
                 entry.failures = 0
                 continue
             del table[key]
+            if entry.cooled and self.watcher is not None:  # a probe passed: the fleet may stop resting it
+                self.watcher(Change(key, ALL_MODELS if table is self._wide else model, True))
         if entries is not None and not entries:
             del self._models[model]
 

@@ -57,6 +57,11 @@ class Sidecar:
         self.metrics.models.known |= self.proxy.runtime.known_models
         self.metrics.watch_health(lambda: [(p.name, p) for p in self.proxy.runtime.providers.values()])
         self.metrics.watch_capacity(lambda: [(p.name, p.capacity) for p in self.proxy.runtime.providers.values()])
+        self.fleet = None
+        if config.shared is not None:  # imported only then: without it keymux is the embedded default
+            from sidecar.fleet import FleetLink
+
+            self.fleet = FleetLink(config.shared, lambda: self.proxy.runtime, self.metrics)
         self.draining = False
         self.admin = self._admin_app()
         self._runners: dict[str, web.BaseRunner] = {}
@@ -131,6 +136,8 @@ class Sidecar:
         """Bind the app listener, then the admin one: /healthz answering means both are up,
         which is what a startupProbe waits for before the app container starts."""
         config = self.runtime.config
+        if self.fleet is not None:  # the fleet's state first: a pod is ready knowing what the others know
+            await self.fleet.start()
         await self.proxy.start()
         self._sweeper = asyncio.create_task(self._sweep_forever())
         # The app listener is a bare aiohttp server with one handler, no router: every request,
@@ -194,6 +201,8 @@ class Sidecar:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.proxy.close()
 
     def reload(self, text: str | None = None) -> bool:
@@ -215,6 +224,8 @@ class Sidecar:
             log.error("config reload rejected; the previous config keeps serving", extra={"fields": {"reason": reason}})
             return False
         self.proxy.runtime = runtime
+        if self.fleet is not None:
+            self.fleet.bind(runtime)
         self.metrics.models.known |= runtime.known_models
         self.metrics.forget_keys({(p.name, k.name) for p in runtime.providers.values() for k in p.config.keys})
         self.metrics.reloads("success").inc()
@@ -232,7 +243,7 @@ class Sidecar:
 
 
 STOP_GRACE = 1.0  # seconds stop() lets in-flight work finish before cutting it
-RESTART_ONLY = ("listen", "admin_listen")  # bound sockets stay as they are until a restart
+RESTART_ONLY = ("listen", "admin_listen", "shared")  # bound sockets stay as they are until a restart
 
 
 def key_changes(old: Config, new: Config) -> dict[str, list[str]]:

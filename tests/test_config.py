@@ -95,7 +95,7 @@ def test_single_provider_without_routes_serves_the_root():
         (
             BASE + "retries: {}\n",
             {"OPENAI_KEY_PRIMARY": "k"},
-            "retries: unknown field (expected one of: listen, admin_listen, log_level, providers, routes, health, retry, timeouts, limits, metrics, shutdown, security)",
+            "retries: unknown field (expected one of: listen, admin_listen, log_level, providers, routes, health, retry, timeouts, limits, metrics, shutdown, shared, security)",
         ),
         (
             BASE.replace("type: openai", "type: openia"),
