@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.outcome import Outcome
@@ -139,6 +141,7 @@ async def scrape(fake: FakeServer, keymux: StartKeymux) -> Scrape:
     """A real scrape after traffic that touches every metric family."""
     fake.provider.revoked.add(A)
     fake.provider.script(key=B, model="gpt-4o", status=500, times=1)
+    namespace = f"dashboard-{uuid.uuid4().hex[:12]}"
     config = f"""
         providers:
           primary:
@@ -166,6 +169,9 @@ async def scrape(fake: FakeServer, keymux: StartKeymux) -> Scrape:
             providers: [primary, backup]
           - prefix: /anthropic
             providers: [anthropic]
+        shared:  # the machine's Redis, a namespace of this run's own: the shared-store series too
+          redis_url: redis://127.0.0.1:6379/0
+          namespace: {namespace}
         """
     km = await keymux(config)
     chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
@@ -194,6 +200,11 @@ async def scrape(fake: FakeServer, keymux: StartKeymux) -> Scrape:
         for sample in family.samples:
             result.samples.setdefault(sample.name, set()).update(sample.labels)
             labels.update(set(sample.labels) - {"le"})
+    store = redis.Redis(host="127.0.0.1", port=6379)
+    leftovers = list(store.scan_iter(match=f"{namespace}:*"))
+    if leftovers:
+        store.delete(*leftovers)
+    store.close()
     return result
 
 
