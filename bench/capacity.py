@@ -9,6 +9,9 @@ the client's answers and the fake provider's own counts (GET /_fake/stats).
 
     python -m bench.capacity              # two runs of 20 s: about a minute
     python -m bench.capacity --quick      # two runs of 5 s: about 20 s
+    python -m bench.capacity --shared redis://127.0.0.1:6379/0
+        # the scenario twice, side by side: pods on their own, then the same pods sharing key
+        # health through that Redis (issue 12's targets); about two minutes
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ def secret(name: str) -> str:
     return f"sk-capacity-{name}-{'x' * 24}"
 
 
-def keymux_config(fake_url: str, port: int, admin_port: int) -> str:
+def keymux_config(fake_url: str, port: int, admin_port: int, shared: str | None = None) -> str:
     """One OpenAI provider with the four keys; keymux's defaults for everything else (the access
-    log on), except a short drain so that the pods stop at once."""
+    log on), except a short drain so that the pods stop at once. `shared`: a `shared:` section."""
     keys = "".join(f"      - name: {name}\n        key: {secret(name)}\n" for name in (*RATES, REVOKED))
-    return f"""\
+    return (
+        (shared or "")
+        + f"""\
 listen: {HOST}:{port}
 admin_listen: {HOST}:{admin_port}
 providers:
@@ -75,6 +80,7 @@ providers:
   drain_delay: 0.01
   drain_timeout: 2
 """
+    )
 
 
 # -- the load ----------------------------------------------------------------------------------
@@ -96,6 +102,7 @@ class Answer:
     lag: float  # seconds the send was late on its schedule (the generator's own delay)
     retry_after: bool = False
     error: str | None = None
+    end: float = 0.0  # perf_counter at the end of the answer
 
 
 async def one(session: aiohttp.ClientSession, url: str, due: float) -> Answer:
@@ -103,7 +110,8 @@ async def one(session: aiohttp.ClientSession, url: str, due: float) -> Answer:
     try:
         async with session.post(url, data=BODY, headers=APP_HEADERS) as response:
             await response.read()
-            return Answer(response.status, time.perf_counter() - sent, sent - due, "Retry-After" in response.headers)
+            end = time.perf_counter()
+            return Answer(response.status, end - sent, sent - due, "Retry-After" in response.headers, end=end)
     except TimeoutError:
         return Answer(None, time.perf_counter() - sent, sent - due, error="timeout")
     except (aiohttp.ClientError, OSError) as exc:
@@ -157,10 +165,15 @@ def figures(answers: list[Answer], upstream: dict[str, dict[str, int]], rate: fl
     latencies = sorted(a.latency for a in served)
     lags = sorted(a.lag for a in answers)
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    goodput = len(served) / seconds
+    # Served over the span they were served in: from the first send to the last 2xx, which is
+    # later than the last arrival when requests wait for capacity (retry.max_wait).
+    first = min((a.end - a.latency for a in answers), default=0.0)
+    span = max(seconds, max((a.end for a in served), default=first) - first)
+    goodput = len(served) / span
     return {
         "offered_rps": rate,
         "seconds": seconds,
+        "span_s": span,
         "sent": sent,
         "served": len(served),
         "served_share": len(served) / sent if sent else None,
@@ -168,7 +181,7 @@ def figures(answers: list[Answer], upstream: dict[str, dict[str, int]], rate: fl
         "goodput_share": goodput / CAPACITY,
         # The most the buckets can serve in a run: their rate, plus the one second of burst they
         # start with (the pause before each run refills them), as a share of capacity.
-        "goodput_ceiling_share": (CAPACITY * seconds + CAPACITY) / seconds / CAPACITY,
+        "goodput_ceiling_share": (CAPACITY * span + CAPACITY) / span / CAPACITY,
         "upstream_attempts": attempts,
         "upstream_429": upstream_429,
         "upstream_429_per_100_requests": 100 * upstream_429 / sent if sent else None,
@@ -223,8 +236,11 @@ def targets(runs: dict[str, dict[str, Any]]) -> list[Target]:
 
 
 class Capacity:
-    def __init__(self, fleet: Fleet, sizes: Sizes, pods: int, arrivals: str, seed: int) -> None:
+    def __init__(
+        self, fleet: Fleet, sizes: Sizes, pods: int, arrivals: str, seed: int, shared: str | None = None
+    ) -> None:
         self.fleet = fleet
+        self.shared = shared  # a `shared:` section for every pod, or None
         self.sizes = sizes
         self.pods = pods
         self.arrivals = arrivals
@@ -241,7 +257,7 @@ class Capacity:
 
     def spawn_keymux(self, fake: Server, n: int) -> Server:
         port, admin = free_port(), free_port()
-        self.config = keymux_config(fake.url, port, admin)
+        self.config = keymux_config(fake.url, port, admin, self.shared)
         path = self.fleet.write(f"keymux-{n}.yaml", self.config)
         return self.fleet.spawn(f"keymux-{n}", ["-m", "sidecar", "--config", str(path)], port, admin, "/readyz")
 
@@ -261,15 +277,12 @@ class Capacity:
                         raise BenchError(f"{pod.name} exited with {pod.popen.returncode}:\n{pod.log_tail()}")
 
     async def warm_up(self, session: aiohttp.ClientSession, fake: Server, urls: list[str]) -> dict[str, Any]:
-        """One round of the keys through each pod, one request at a time (16 requests with 4 pods,
-        under the 35 of burst): connections opened, and each pod has met the revoked key once, as a
-        pod that has been running would have. Every answer must be a 2xx."""
+        """One round of the keys through each pod, one request at a time, pod after pod (16
+        requests with 4 pods, under the 35 of burst): connections opened, and the revoked key met,
+        as by pods that have been running; on their own each pod meets it, sharing one pod does.
+        Every answer must be a 2xx."""
         before = await fake_stats(session, fake)
-
-        async def through(url: str) -> list[Answer]:
-            return [await one(session, url, time.perf_counter()) for _ in range(len(RATES) + 1)]
-
-        answers = [a for done in await asyncio.gather(*(through(url) for url in urls)) for a in done]
+        answers = [await one(session, url, time.perf_counter()) for url in urls for _ in range(len(RATES) + 1)]
         if any(a.status != 200 for a in answers):
             raise BenchError(f"warm-up: answers {statuses(answers)}, expected 200 only")
         return {"app_statuses": statuses(answers), "upstream_by_key": since(await fake_stats(session, fake), before)}
@@ -318,7 +331,7 @@ ROWS: list[tuple[str, Any]] = [
     ("offered load (requests/s)", lambda f: _number(f["offered_rps"])),
     ("requests sent", lambda f: str(f["sent"])),
     ("served (2xx), share of requests", lambda f: _share(f["served_share"])),
-    ("goodput (2xx/s)", lambda f: _number(f["goodput_rps"])),
+    ("goodput (2xx/s, over the span served)", lambda f: _number(f["goodput_rps"])),
     (f"goodput, share of capacity ({CAPACITY:g}/s)", lambda f: _share(f["goodput_share"])),
     ("  ceiling: capacity + one burst", lambda f: _share(f["goodput_ceiling_share"])),
     ("upstream attempts (every key)", lambda f: str(f["upstream_attempts"])),
@@ -390,11 +403,54 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=11, help="of the Poisson arrival times (default 11)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 3 when a target fails")
+    parser.add_argument(
+        "--shared", metavar="REDIS_URL", help="also run the same pods sharing key health through this Redis"
+    )
     return parser
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt  # unwinds like Ctrl-C, so every server is stopped
+
+
+def scenario(args: argparse.Namespace, sizes: Sizes, shared: str | None) -> tuple[Capacity, dict[str, Any]]:
+    """One run of the scenario: fresh servers, the warm-up, then each load."""
+    with Fleet() as fleet:
+        capacity = Capacity(fleet, sizes, args.pods, args.arrivals, args.seed, shared)
+        asyncio.run(capacity.run())
+    return capacity, {name: capacity.results[name] for name in (f"{load * 100:.0f}%" for load in LOADS)}
+
+
+def fleet_targets(alone: dict[str, Any], shared: Capacity, together: dict[str, Any]) -> list[Target]:
+    """Issue 12's targets: the pods sharing key health, against the same pods on their own."""
+    revoked = sum(shared.results["warmup"]["upstream_by_key"].get(REVOKED, {}).values()) + sum(
+        run["revoked_attempts"] for run in together.values()
+    )
+    low = together["80%"]
+    per_100 = low["upstream_429_per_100_requests"]
+    p50_on, p50_off = low["added_p50_s"], alone["80%"]["added_p50_s"]
+    ratio = p50_on / p50_off if p50_on is not None and p50_off else None
+    return [
+        Target("all", f"revoked-key attempts across the fleet = 1 per cooldown ({revoked})", revoked == 1),
+        Target(
+            "80%",
+            f"upstream 429s ≤ 1 per 100 requests, shared ({_number(per_100)})",
+            per_100 is not None and per_100 <= 1,
+        ),
+        Target("80%", f"added p50 shared ≤ 1.05 × alone ({_number(ratio, 2)})", ratio is not None and ratio <= 1.05),
+    ]
+
+
+def _forget(url: str, namespace: str) -> None:
+    import redis  # only for --shared
+
+    store = redis.Redis.from_url(url)
+    try:
+        names = list(store.scan_iter(match=f"{namespace}:*"))
+        if names:
+            store.delete(*names)
+    finally:
+        store.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,17 +464,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     raise_fd_limit()
     began = time.perf_counter()
+    namespace = f"bench-capacity-{os.getpid()}-{int(time.time())}"
     try:
-        with Fleet() as fleet:
-            capacity = Capacity(fleet, sizes, args.pods, args.arrivals, args.seed)
-            asyncio.run(capacity.run())
+        capacity, runs = scenario(args, sizes, None)
+        if args.shared:
+            section = f"shared:\n  redis_url: {args.shared}\n  namespace: {namespace}\n"
+            together, shared_runs = scenario(args, sizes, section)
     except KeyboardInterrupt:
         print("bench.capacity: interrupted; every server it started is stopped", file=sys.stderr)
         return 130
     except BenchError as exc:
         print(f"bench.capacity: {exc}", file=sys.stderr)
         return 1
-    runs = {name: capacity.results[name] for name in (f"{load * 100:.0f}%" for load in LOADS)}
+    finally:
+        if args.shared:
+            _forget(args.shared, namespace)
     found = targets(runs)
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -438,17 +498,35 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, "-m", "bench.capacity", *sys.argv[1:]]),
     }
     print(table(meta, runs, capacity.results["warmup"], found))
-    print(f"({meta['wall_seconds']} s)")
-    if args.json:
-        report = {
-            "meta": meta,
-            "runs": runs,
-            "warmup": capacity.results["warmup"],
-            "targets": [asdict(t) for t in found],
-            "keymux_config": capacity.config,
+    report: dict[str, Any] = {
+        "meta": meta,
+        "runs": runs,
+        "warmup": capacity.results["warmup"],
+        "targets": [asdict(t) for t in found],
+        "keymux_config": capacity.config,
+    }
+    passed = all(t.passed for t in found)
+    if args.shared:
+        fleet = fleet_targets(runs, together, shared_runs)
+        print()
+        print("the same pods sharing key health through Redis (shared:):")
+        print(
+            table(
+                {**meta, "pods": f"{args.pods} shared"}, shared_runs, together.results["warmup"], targets(shared_runs)
+            )
+        )
+        print("targets (issue 12, shared against alone):")
+        print("\n".join(f"  {'PASS' if t.passed else 'FAIL'}  {t.run:>4}  {t.what}" for t in fleet))
+        report["shared"] = {
+            "runs": shared_runs,
+            "warmup": together.results["warmup"],
+            "targets": [asdict(t) for t in [*targets(shared_runs), *fleet]],
         }
+        passed = passed and all(t.passed for t in fleet)
+    print(f"({round(time.perf_counter() - began, 1)} s)")
+    if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 3 if args.strict and not all(t.passed for t in found) else 0
+    return 3 if args.strict and not passed else 0
 
 
 if __name__ == "__main__":

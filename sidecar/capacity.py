@@ -216,6 +216,15 @@ class Budget:
             return self.full_at
         return None
 
+    def refilled(self, now: float) -> float | None:
+        """When the provider's room (for all its users) holds one request again, as its own pace
+        says: what a saturation tells the fleet. None when nothing says when."""
+        if self.alone >= 1:
+            return None
+        if self.rate:
+            return now + (1 - self.alone) / self.rate
+        return self.full_at if self.full_at is not None and self.full_at > now else None
+
     def learn(self, window: Window, behind: float, now: float) -> None:
         """A fresher report: what remained when the provider answered, less what was sent since."""
         actual = window.remaining - behind
@@ -419,9 +428,10 @@ class Capacity:
                 room.requests = _budget(report.requests, behind, now)
             else:
                 room.requests.learn(report.requests, behind, now)
-            # The provider says none is left: the fleet rests it too (once per saturation).
+            # The provider says none is left: the fleet rests it too, until the provider's own pace
+            # gives one back (each pod's share of it is each pod's own business), once per saturation.
             out = report.requests.remaining < 1 and self.watcher is not None
-            if out and (at := room.requests.ready(1, now)) is not None and at > room.announced:
+            if out and (at := room.requests.refilled(now)) is not None and at > room.announced:
                 room.announced = at
                 self.watcher(key, model, at - now)  # type: ignore[misc]
         if report.tokens is not None:
