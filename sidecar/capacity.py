@@ -285,14 +285,19 @@ _UNREPORTED = Ticket(0, 0)  # a request to a provider that reports no limits: no
 
 
 class _Local:
-    """A key's configured rpm and tpm, counted over a sliding minute."""
+    """A key's configured rpm and tpm, counted over a sliding minute: this pod's sends, plus what
+    the rest of its fleet sent with the same key in the last minute (when a shared store says)."""
 
-    __slots__ = ("rpm", "sends", "tokens", "tpm")
+    __slots__ = ("others", "others_tokens", "rpm", "sends", "tokens", "tpm", "unshared", "unshared_tokens")
 
     def __init__(self, rpm: int | None, tpm: int | None) -> None:
         self.rpm, self.tpm = rpm, tpm
         self.sends: deque[tuple[float, int]] = deque()
         self.tokens = 0
+        self.others = 0  # the fleet's other requests with this key in the last minute
+        self.others_tokens = 0
+        self.unshared = 0  # sends the fleet has not been told of yet
+        self.unshared_tokens = 0
 
     def _prune(self, now: float) -> None:
         sends, horizon = self.sends, now - WINDOW
@@ -303,20 +308,32 @@ class _Local:
         self._prune(now)
         self.sends.append((now, tokens))
         self.tokens += tokens
+        self.unshared += 1
+        self.unshared_tokens += tokens
 
     def ready(self, tokens: int, now: float) -> tuple[float, str] | None:
         self._prune(now)
         sends = self.sends
-        if self.rpm is not None and len(sends) >= self.rpm:
-            return sends[len(sends) - self.rpm][0] + WINDOW, RPM
+        if self.rpm is not None and len(sends) + self.others >= self.rpm:
+            return self._frees(len(sends) + self.others - self.rpm, now), RPM
         tpm = self.tpm
-        if tpm is not None and tokens <= tpm and self.tokens + tokens > tpm:
-            freed, excess = 0, self.tokens + tokens - tpm
+        if tpm is not None and tokens <= tpm and self.tokens + self.others_tokens + tokens > tpm:
+            freed, excess = 0, self.tokens + self.others_tokens + tokens - tpm
             for at, count in sends:
                 freed += count
                 if freed >= excess:
                     return at + WINDOW, TPM
+            return now + FLEET_STEP, TPM
         return None
+
+    def _frees(self, surplus: int, now: float) -> float:
+        """When the window drops the `surplus`+1-th oldest of this pod's sends; when it must drop
+        the fleet's, the next look at the fleet's counts."""
+        sends = self.sends
+        return sends[surplus][0] + WINDOW if surplus < len(sends) else now + FLEET_STEP
+
+
+FLEET_STEP = 5.0  # seconds: the buckets the fleet counts configured limits in
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,6 +457,27 @@ class Capacity:
                 room.tokens = _budget(report.tokens, behind_tokens, now)
             else:
                 room.tokens.learn(report.tokens, behind_tokens, now)
+
+    @property
+    def limited(self) -> tuple[str, ...]:
+        """The keys with a configured rpm or tpm."""
+        return tuple(self._local)
+
+    def unshared_counts(self) -> Iterator[tuple[str, int, int]]:
+        """(key, requests, tokens) sent under a configured rpm/tpm since the fleet was last told."""
+        for key, local in self._local.items():
+            if local.unshared:
+                yield key, local.unshared, local.unshared_tokens
+                local.unshared = local.unshared_tokens = 0
+
+    def fleet_counts(self, key: str, requests: int, tokens: int) -> None:
+        """The whole fleet sent `requests` and `tokens` with `key` in the last minute: the others'
+        part counts toward its rpm and tpm here."""
+        local = self._local.get(key)
+        if local is not None:
+            local._prune(self._clock())
+            local.others = max(requests - len(local.sends), 0)
+            local.others_tokens = max(tokens - local.tokens, 0)
 
     def hold(self, key: str, model: str, seconds: float) -> None:
         """Another pod's answer left (key, model) with no request: none go to it for `seconds`."""

@@ -19,6 +19,8 @@ Redis keys (one key's data in one Cluster slot: the fingerprint is the hash tag)
   {ns}:salt                    the namespace-wide salt of the fingerprints
   {ns}:h:{<fp>}:<scope id>     a rest: the fact as JSON, expiring when the rest ends
   {ns}:p:{<fp>}:<scope id>     the probe lease of a key whose rest ended
+  {ns}:c:{<fp>}:<bucket>       requests (r) and tokens (t) sent with a key that has a configured
+                               rpm/tpm, per 5 s of Redis's own clock, kept 75 s
   {ns}:facts                   the pub/sub channel
 """
 
@@ -37,6 +39,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from sidecar.capacity import FLEET_STEP, WINDOW
 from sidecar.config import SharedConfig
 from sidecar.health import ALL_MODELS, Change, HealthSettings, KeyState, Scope
 from sidecar.metrics import Metrics, _Count, _Family, _FamilyCollector
@@ -85,7 +88,7 @@ class FleetLink:
         self.pod = f"{os.uname().nodename[:40]}-{secrets.token_hex(4)}"
         ns = config.namespace
         self._salt_key, self._channel = f"{ns}:salt", f"{ns}:facts"
-        self._state_prefix, self._lease_prefix = f"{ns}:h:", f"{ns}:p:"
+        self._state_prefix, self._lease_prefix, self._count_prefix = f"{ns}:h:", f"{ns}:p:", f"{ns}:c:"
         self._redis: aioredis.Redis | None = None
         self._salt: bytes | None = None
         self._local: dict[str, list[_Local]] = {}  # fingerprint -> the keys here holding that secret
@@ -332,17 +335,55 @@ class FleetLink:
             self.loaded.set()
             loop = asyncio.get_running_loop()
             resync = loop.time() + self.config.resync_interval
+            count = loop.time()
             while True:
                 if not self.up:  # a write failed: start over, and merge both ways once back
                     raise RedisError("a write to the shared store failed")
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                 if message is not None and message.get("type") == "message":
                     self.receive(message["data"])
+                if loop.time() >= count:
+                    await self._count()
+                    count = loop.time() + 1.0
                 if loop.time() >= resync:
                     await self._pull()
                     resync = loop.time() + self.config.resync_interval
         finally:
             await pubsub.aclose()
+
+    async def _count(self) -> None:
+        """Add this pod's sends under configured rpm/tpm to the fleet's, and read the fleet's
+        last minute back, in buckets of Redis's clock (the pods' own need not agree)."""
+        runtime = self.runtime()
+        limited = [(p, key) for p in runtime.providers.values() for key in p.capacity.limited]
+        if not limited:
+            return
+        redis = self._redis
+        assert redis is not None
+        seconds, _ = await redis.time()
+        bucket = int(seconds // FLEET_STEP)
+        async with redis.pipeline(transaction=False) as pipe:
+            for provider in runtime.providers.values():
+                for key, requests, tokens in provider.capacity.unshared_counts():
+                    if (fp := self._fps.get((provider.name, key))) is not None:
+                        name = f"{self._count_prefix}{{{fp}}}:{bucket}"
+                        pipe.hincrby(name, "r", requests)
+                        pipe.hincrby(name, "t", tokens)
+                        pipe.expire(name, int(WINDOW + 3 * FLEET_STEP))
+            read = []
+            for provider, key in limited:
+                if (fp := self._fps.get((provider.name, key))) is not None:
+                    read.append((provider, key))
+                    for back in range(int(WINDOW // FLEET_STEP)):
+                        pipe.hmget(f"{self._count_prefix}{{{fp}}}:{bucket - back}", "r", "t")
+            found = await pipe.execute()
+        counts = [pair for pair in found if isinstance(pair, list)]
+        per_key = int(WINDOW // FLEET_STEP)
+        for i, (provider, key) in enumerate(read):
+            buckets = counts[i * per_key : (i + 1) * per_key]
+            requests = sum(int(r or 0) for r, _ in buckets)
+            tokens = sum(int(t or 0) for _, t in buckets)
+            provider.capacity.fleet_counts(key, requests, tokens)
 
     async def _push(self) -> None:
         """Write what this pod knows (learned while Redis was away): the later deadline wins."""
