@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 from sidecar.health import Clock
@@ -87,8 +88,12 @@ class Affinity:
         self.capacity = capacity
         self.ttl = ttl
         self._owners: OrderedDict[str, tuple[Owner, float]] = OrderedDict()  # id -> (owner, last named)
+        self.watcher: Callable[[str, Owner], None] | None = None  # told what this pod learned (the fleet)
 
-    def learn(self, resource: str, owner: Owner) -> None:
+    def learn(self, resource: str, owner: Owner, announce: bool = True) -> None:
+        """`owner` created `resource`; `announce`: this pod learned it (not the fleet's message)."""
+        if announce and self.watcher is not None:
+            self.watcher(resource, owner)
         owners = self._owners
         owners[resource] = (owner, self._clock())
         owners.move_to_end(resource)

@@ -19,6 +19,7 @@ Redis keys (one key's data in one Cluster slot: the fingerprint is the hash tag)
   {ns}:salt                    the namespace-wide salt of the fingerprints
   {ns}:h:{<fp>}:<scope id>     a rest: the fact as JSON, expiring when the rest ends
   {ns}:p:{<fp>}:<scope id>     the probe lease of a key whose rest ended
+  {ns}:a:{<fp>}:<resource id> a resource the key created (affinity), for as long as keymux keeps it
   {ns}:c:{<fp>}:<bucket>       requests (r) and tokens (t) sent with a key that has a configured
                                rpm/tpm, per 5 s of Redis's own clock, kept 75 s
   {ns}:facts                   the pub/sub channel
@@ -39,13 +40,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from sidecar.affinity import Owner
 from sidecar.capacity import FLEET_STEP, WINDOW
 from sidecar.config import SharedConfig
 from sidecar.health import ALL_MODELS, Change, HealthSettings, KeyState, Scope
 from sidecar.metrics import Metrics, _Count, _Family, _FamilyCollector
 from sidecar.outcome import Outcome
 from sidecar.runtime import Provider, Runtime
-from sidecar.shared import CLEAR, REST, SATURATED, WIDE, Fact, Invalid, decode, fingerprint
+from sidecar.shared import CLEAR, OWN, REST, SATURATED, WIDE, Fact, Invalid, decode, fingerprint
 
 log = logging.getLogger("keymux")
 
@@ -89,6 +91,7 @@ class FleetLink:
         ns = config.namespace
         self._salt_key, self._channel = f"{ns}:salt", f"{ns}:facts"
         self._state_prefix, self._lease_prefix, self._count_prefix = f"{ns}:h:", f"{ns}:p:", f"{ns}:c:"
+        self._owner_prefix = f"{ns}:a:"
         self._redis: aioredis.Redis | None = None
         self._salt: bytes | None = None
         self._local: dict[str, list[_Local]] = {}  # fingerprint -> the keys here holding that secret
@@ -144,6 +147,7 @@ class FleetLink:
             provider.capacity.watcher = lambda key, model, seconds, p=provider.name: self._saturated(
                 p, key, model, seconds
             )
+        runtime.affinity.watcher = self._owned
         self._fingerprints(runtime)
 
     def _fingerprints(self, runtime: Runtime) -> None:
@@ -175,6 +179,11 @@ class FleetLink:
         if fp is not None:
             self._put(Fact(self.pod, fp, model, REST, SATURATED, seconds))
 
+    def _owned(self, resource: str, owner: Owner) -> None:
+        fp = self._fps.get((owner.provider, owner.key))
+        if fp is not None:
+            self._put(Fact(self.pod, fp, resource, OWN))
+
     def _put(self, fact: Fact) -> None:
         try:
             self._queue.put_nowait(fact)
@@ -196,8 +205,13 @@ class FleetLink:
                 self._down(exc)
 
     async def _store(self, redis: aioredis.Redis, fact: Fact) -> None:
-        name = f"{self._state_prefix}{{{fact.key}}}:{_scope_id(fact.scope)}"
         payload = fact.encode()
+        if fact.op == OWN:
+            ttl = int(self.runtime().affinity.ttl * 1000)
+            await redis.set(f"{self._owner_prefix}{{{fact.key}}}:{fact.scope}", payload, px=ttl)
+            await redis.publish(self._channel, payload)
+            return
+        name = f"{self._state_prefix}{{{fact.key}}}:{_scope_id(fact.scope)}"
         if fact.op == CLEAR:
             await redis.delete(name)
         else:
@@ -206,8 +220,8 @@ class FleetLink:
 
     # -- what the others learned: in --------------------------------------------------------
 
-    def receive(self, raw: bytes | str, ttl: float | None = None) -> None:
-        """Apply one fact from Redis (a message, or a stored fact whose TTL is `ttl`)."""
+    def receive(self, raw: bytes | str, ttl: float | None = None, stored: bool = False) -> None:
+        """Apply one fact from Redis: a message, or a stored fact (a rest whose TTL is `ttl`)."""
         runtime = self.runtime()
         settings = next(iter(runtime.providers.values())).health.settings if runtime.providers else HealthSettings()
         try:
@@ -218,7 +232,7 @@ class FleetLink:
         if fact is None:
             self._facts("in", "ignored").inc()
             return
-        if fact.pod == self.pod and ttl is None:
+        if fact.pod == self.pod and ttl is None and not stored:
             return  # our own message, back from the channel
         if ttl is not None and fact.op == REST:
             fact = Fact(fact.pod, fact.key, fact.scope, REST, fact.why, min(fact.ttl, ttl), fact.strikes)
@@ -230,6 +244,11 @@ class FleetLink:
         self._facts("in", "applied" if changed else "unchanged").inc()
 
     def _apply(self, provider: Provider, key: str, fact: Fact) -> bool:
+        if fact.op == OWN:  # the first provider holding that key that keeps affinity
+            if not provider.config.affinity or self.runtime().affinity.owner(fact.scope) is not None:
+                return False
+            self.runtime().affinity.learn(fact.scope, Owner(provider.name, key), announce=False)
+            return True
         scope = _scope(fact.scope)
         if fact.op == CLEAR:
             return provider.health.clear(key, scope)
@@ -331,6 +350,7 @@ class FleetLink:
             await pubsub.subscribe(self._channel)
             await self._push()
             await self._pull()
+            await self._pull_owners()
             self._up(True)
             self.loaded.set()
             loop = asyncio.get_running_loop()
@@ -427,6 +447,22 @@ class FleetLink:
             self._resyncs("failure").inc()
             raise
         self._resyncs("success").inc()
+
+    async def _pull_owners(self) -> None:
+        """Which key created which resource, as the fleet learned it: at start and after a
+        reconnect (live changes come by the channel), at most what the affinity map keeps."""
+        redis = self._redis
+        assert redis is not None
+        limit = self.runtime().affinity.capacity
+        names = []
+        async for name in redis.scan_iter(match=f"{self._owner_prefix}*", count=1000):
+            names.append(name)
+            if len(names) >= limit:
+                break
+        for start in range(0, len(names), 500):
+            for raw in await redis.mget(names[start : start + 500]):
+                if raw is not None:
+                    self.receive(raw, stored=True)
 
     def _up(self, up: bool) -> None:
         if up and not self.up:

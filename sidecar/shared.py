@@ -3,7 +3,9 @@
 A fact is about one key, for one scope (a model, or "*" for the key as a whole):
 
 - `rest`: the key rests for `ttl` more seconds, for a reason (an outcome, or `saturated`);
-- `clear`: a probe of the key succeeded, so its rest is over early.
+- `clear`: a probe of the key succeeded, so its rest is over early;
+- `own`: the key created a resource (a file, a batch, a stored response; the scope is its id), so
+  requests naming that resource go to it, on every pod (resource affinity).
 
 Keys are named by a fingerprint of their secret (HMAC-SHA-256 under a namespace-wide salt),
 never by the secret nor by the name a pod gives them: two pods holding the same secret under
@@ -22,6 +24,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,7 +37,8 @@ MAX_MESSAGE: Final = 1024  # bytes: a fact is a few dozen; anything longer is no
 MAX_SCOPE: Final = 256  # a model name, as the proxy bounds it
 WIDE: Final = "*"  # the scope of the key as a whole
 SATURATED: Final = "saturated"  # a reason that is not an outcome: no room left under a rate limit
-REST, CLEAR = "rest", "clear"
+REST, CLEAR, OWN = "rest", "clear", "own"
+_RESOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,255}")
 
 
 def fingerprint(salt: bytes, secret: str) -> str:
@@ -105,6 +109,10 @@ def decode(raw: bytes | str, known: Collection[str], settings: HealthSettings) -
         raise Invalid("bad scope")
     if op == CLEAR:
         return Fact(pod, key, scope, CLEAR) if key in known else None
+    if op == OWN:
+        if not _RESOURCE.fullmatch(scope):
+            raise Invalid("bad resource id")
+        return Fact(pod, key, scope, OWN) if key in known else None
     if op != REST:
         raise Invalid("bad op")
     why, ttl, strikes = body.get("why"), body.get("ttl"), body.get("n", 0)

@@ -9,7 +9,7 @@ import pytest
 from sidecar.classify import SUCCESS, Verdict
 from sidecar.health import ALL_MODELS, Change, HealthSettings, KeyState, LocalHealth
 from sidecar.outcome import Outcome
-from sidecar.shared import CLEAR, REST, SATURATED, Fact, Invalid, decode, fingerprint
+from sidecar.shared import CLEAR, OWN, REST, SATURATED, Fact, Invalid, decode, fingerprint
 from tests.test_plan import Clock
 
 SETTINGS = HealthSettings()
@@ -79,6 +79,16 @@ def test_a_fact_round_trips_and_holds_no_name_nor_secret() -> None:
 def test_a_malformed_or_greedy_message_is_invalid(message: bytes) -> None:
     with pytest.raises(Invalid):
         decode(message, KNOWN, SETTINGS)
+
+
+def test_an_ownership_fact_names_a_resource_id_and_nothing_else() -> None:
+    own = Fact("pod-a", FP, "resp_abc123", OWN)
+    assert decode(own.encode(), KNOWN, SETTINGS) == own
+    assert decode(Fact("pod-a", FP, "files/abc-123", OWN).encode(), KNOWN, SETTINGS) is not None
+    for bad in ("../etc", "resp abc", "resp_\n", "-x", "x" * 257):
+        with pytest.raises(Invalid):
+            decode(Fact("pod-a", FP, bad, OWN).encode(), KNOWN, SETTINGS)
+    assert decode(Fact("pod-a", "0" * 32, "resp_1", OWN).encode(), KNOWN, SETTINGS) is None
 
 
 def test_a_fact_about_a_key_this_pod_does_not_hold_is_ignored() -> None:
