@@ -89,6 +89,7 @@ class SharedConfig:
     resync_interval: float = 5.0  # a full read of the fleet's state, for messages a pod missed
     queue_size: int = 10_000  # what a pod learned, waiting to be written; overflow is counted and dropped
     probe_lease: float = 30.0  # one pod probes a key whose rest ended; the others wait this long at most
+    cluster: bool = False  # redis_url names a node of a Redis Cluster
 
     def secrets(self) -> set[str]:
         found = {self.password} if self.password else set()
@@ -344,7 +345,10 @@ class _Loader:
         if raw is None:
             return None
         numbers = ("timeout", "connect_timeout", "resync_interval", "queue_size", "probe_lease")
-        _mapping(raw, "shared", ("redis_url", "namespace", "password_env", "password_file", *numbers))
+        _mapping(raw, "shared", ("redis_url", "namespace", "password_env", "password_file", "cluster", *numbers))
+        cluster = raw.get("cluster", False)
+        if not isinstance(cluster, bool):
+            raise ConfigError("shared.cluster", "must be true or false")
         if "redis_url" not in raw:
             raise ConfigError("shared.redis_url", "is required (redis://, rediss:// or unix://)")
         url = self.interpolate(raw["redis_url"], "shared.redis_url").strip()
@@ -371,7 +375,7 @@ class _Loader:
             for name in numbers
             if name in raw
         }
-        return replace(defaults, password=password, namespace=namespace, **values)
+        return replace(defaults, password=password, namespace=namespace, cluster=cluster, **values)
 
     def headers(self, raw: Any, path: str) -> tuple[tuple[str, str], ...]:
         if raw is None:

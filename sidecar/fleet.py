@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from sidecar.affinity import Owner
@@ -92,7 +93,7 @@ class FleetLink:
         self._salt_key, self._channel = f"{ns}:salt", f"{ns}:facts"
         self._state_prefix, self._lease_prefix, self._count_prefix = f"{ns}:h:", f"{ns}:p:", f"{ns}:c:"
         self._owner_prefix = f"{ns}:a:"
-        self._redis: aioredis.Redis | None = None
+        self._redis: aioredis.Redis | RedisCluster | None = None
         self._salt: bytes | None = None
         self._local: dict[str, list[_Local]] = {}  # fingerprint -> the keys here holding that secret
         self._fps: dict[tuple[str, str], str] = {}  # (provider, key) -> fingerprint
@@ -204,7 +205,7 @@ class FleetLink:
                 self._facts("out", "failed").inc()
                 self._down(exc)
 
-    async def _store(self, redis: aioredis.Redis, fact: Fact) -> None:
+    async def _store(self, redis: aioredis.Redis | RedisCluster, fact: Fact) -> None:
         payload = fact.encode()
         if fact.op == OWN:
             ttl = int(self.runtime().affinity.ttl * 1000)
@@ -328,13 +329,17 @@ class FleetLink:
         config = self.config
         if self._redis is not None:
             await self._redis.aclose()
-        self._redis = redis = aioredis.from_url(
-            config.redis_url,
-            password=config.password,
-            socket_timeout=config.timeout,
-            socket_connect_timeout=config.connect_timeout,
-            retry_on_timeout=False,
-        )
+        options: dict[str, Any] = {
+            "password": config.password,
+            "socket_timeout": config.timeout,
+            "socket_connect_timeout": config.connect_timeout,
+        }
+        redis: aioredis.Redis | RedisCluster
+        if config.cluster:
+            redis = RedisCluster.from_url(config.redis_url, **options)
+        else:
+            redis = aioredis.from_url(config.redis_url, retry_on_timeout=False, **options)
+        self._redis = redis
         await redis.set(self._salt_key, secrets.token_hex(32), nx=True)
         salt = await redis.get(self._salt_key)
         if not salt:
@@ -460,7 +465,11 @@ class FleetLink:
             if len(names) >= limit:
                 break
         for start in range(0, len(names), 500):
-            for raw in await redis.mget(names[start : start + 500]):
+            async with redis.pipeline(transaction=False) as pipe:  # not MGET: the keys span Cluster slots
+                for name in names[start : start + 500]:
+                    pipe.get(name)
+                found = await pipe.execute()
+            for raw in found:
                 if raw is not None:
                     self.receive(raw, stored=True)
 
