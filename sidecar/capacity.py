@@ -253,8 +253,10 @@ class Budget:
         self.at = now
 
 
-def _budget(window: Window, behind: float, now: float) -> Budget:
-    budget = Budget(0.0, now, None, None, None)
+def _learned(budget: Budget | None, window: Window, behind: float, now: float) -> Budget:
+    """The budget after a report: the one kept so far, or a new one for a first report."""
+    if budget is None:
+        budget = Budget(0.0, now, None, None, None)
     budget.learn(window, behind, now)
     return budget
 
@@ -440,23 +442,15 @@ class Capacity:
         room.reported = ticket.number
         now = room.used = self._clock()
         if report.requests is not None:
-            behind = room.sent - ticket.number
-            if room.requests is None:
-                room.requests = _budget(report.requests, behind, now)
-            else:
-                room.requests.learn(report.requests, behind, now)
+            room.requests = requests = _learned(room.requests, report.requests, room.sent - ticket.number, now)
             # The provider says none is left: the fleet rests it too, until the provider's own pace
             # gives one back (each pod's share of it is each pod's own business), once per saturation.
             out = report.requests.remaining < 1 and self.watcher is not None
-            if out and (at := room.requests.refilled(now)) is not None and at > room.announced:
+            if out and (at := requests.refilled(now)) is not None and at > room.announced:
                 room.announced = at
                 self.watcher(key, model, at - now)  # type: ignore[misc]
         if report.tokens is not None:
-            behind_tokens = room.sent_tokens - ticket.tokens
-            if room.tokens is None:
-                room.tokens = _budget(report.tokens, behind_tokens, now)
-            else:
-                room.tokens.learn(report.tokens, behind_tokens, now)
+            room.tokens = _learned(room.tokens, report.tokens, room.sent_tokens - ticket.tokens, now)
 
     @property
     def limited(self) -> tuple[str, ...]:
