@@ -107,7 +107,12 @@ class LocalAnswer:
 
     @property
     def retry_after_header(self) -> str | None:
-        return None if self.retry_after is None else str(max(1, math.ceil(self.retry_after)))
+        return None if self.retry_after is None else retry_after_header(self.retry_after)
+
+
+def retry_after_header(seconds: float) -> str:
+    """A Retry-After value: whole seconds, at least 1 (0 would invite a retry at once)."""
+    return str(max(1, math.ceil(seconds)))
 
 
 _GATEWAY_STATUS = {Outcome.TIMEOUT: 504, Outcome.CONNECTION_ERROR: 502}

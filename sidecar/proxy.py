@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from sidecar.capacity import estimate_tokens
 from sidecar.classify import DISCONNECTED, SUCCESS, Verdict, classify, classify_stream_start, transport_outcome
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
-from sidecar.plan import Attempt, LocalAnswer, Plan
+from sidecar.plan import Attempt, LocalAnswer, Plan, retry_after_header
 from sidecar.providers import APP_CREDENTIAL_QUERY, HOP_BY_HOP_HEADERS, PROVIDERS, ProviderSpec, decoded_prefix
 from sidecar.redact import BodyScrubber, EventScrubber
 from sidecar.runtime import Provider, Runtime
@@ -455,7 +454,7 @@ class Exchange:
             ready = plan.recovery()
             rest = last.verdict.retry_after if ready is None else ready - plan.clock()
             if rest is not None:
-                relay.retry_after = str(max(1, math.ceil(rest)))
+                relay.retry_after = retry_after_header(rest)
         try:
             return await relay.run()
         finally:

@@ -65,7 +65,7 @@ class WaitingLine:
             self._line.pop(waiter, None)
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float) -> None:
-        due = loop.time() + max(delay, 0.0)
+        due = loop.time() + max(delay, 0.001)  # never a busy loop, even on a rounding error
         if self._due is not None and self._due <= due:
             return
         if self._timer is not None:
