@@ -61,6 +61,12 @@ if left < tonumber(ARGV[2]) then
 end
 return 0
 """
+_DELETE_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _BACKOFF_MAX = 10.0
 
 
@@ -212,12 +218,15 @@ class FleetLink:
             await redis.set(f"{self._owner_prefix}{{{fact.key}}}:{fact.scope}", payload, px=ttl)
             await redis.publish(self._channel, payload)
             return
-        name = f"{self._state_prefix}{{{fact.key}}}:{_scope_id(fact.scope)}"
+        await redis.publish(self._channel, payload)  # first: the other pods learn it at once
+        scope_id = _scope_id(fact.scope)
+        name = f"{self._state_prefix}{{{fact.key}}}:{scope_id}"
         if fact.op == CLEAR:
             await redis.delete(name)
         else:
             await redis.eval(_SET_IF_LATER, 1, name, payload, max(1, int(fact.ttl * 1000)))
-        await redis.publish(self._channel, payload)
+        if fact.pod == self.pod:  # a verdict of this pod's: a probe lease it held has served
+            await redis.eval(_DELETE_IF_MINE, 1, f"{self._lease_prefix}{{{fact.key}}}:{scope_id}", self.pod)
 
     # -- what the others learned: in --------------------------------------------------------
 
@@ -264,27 +273,31 @@ class FleetLink:
 
     # -- one probe for the fleet -------------------------------------------------------------
 
-    def _plan_probe(self, provider: str, key: str, scope: Scope) -> None:
-        """When this rest ends, try for the probe lease a moment before anyone could probe."""
+    def _plan_probe(self, provider: str, key: str, scope: Scope, at: float | None = None) -> None:
+        """Contest the probe lease of a resting key: a moment before its rest ends (so that the
+        winner alone is half-open when it does), or at `at`, when a lease lapses."""
         runtime = self.runtime()
         record = runtime.providers.get(provider)
         resting = record.health.resting(key, scope) if record is not None else None
-        if resting is None:
+        if resting is None or not resting[1]:
             return
-        until, _ = resting
         slot = (provider, key, _wire(scope))
         if (old := self._leases.pop(slot, None)) is not None:
             old.cancel()
+        when = resting[0] - 2 * self.config.timeout if at is None else at
+        delay = max(when - runtime.clock(), 0.01)
         loop = asyncio.get_running_loop()
-        delay = max(until - runtime.clock() - 2 * self.config.timeout, 0.0)
-        self._leases[slot] = loop.call_later(delay, lambda: self._spawn(self._lease(provider, key, scope, until)))
+        self._leases[slot] = loop.call_later(delay, lambda: self._spawn(self._lease(provider, key, scope)))
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
-    async def _lease(self, provider: str, key: str, scope: Scope, until: float) -> None:
+    async def _lease(self, provider: str, key: str, scope: Scope) -> None:
+        """One round of the contest: the winner is the one pod where the key is half-open; the
+        others hold it until the lease lapses, then contest again. A verdict (a new rest, or a
+        proven success) ends the contest everywhere, and frees the lease (`_store`)."""
         self._leases.pop((provider, key, _wire(scope)), None)
         runtime = self.runtime()
         record = runtime.providers.get(provider)
@@ -293,20 +306,35 @@ class FleetLink:
         if record is None or fp is None or redis is None or not self.up:
             return  # no fleet to ask: this pod probes on its own
         resting = record.health.resting(key, scope)
-        if resting is None or resting[0] != until:
-            return  # cleared, or rests longer now: planned again by whoever changed it
+        if resting is None or not resting[1]:
+            return  # a proven success ended it
+        until, _, probing = resting
+        now = runtime.clock()
+        if until > now + 2 * self.config.timeout + 0.05 and until != record.health.held(key, scope):
+            self._plan_probe(provider, key, scope)  # it rests longer now: contest before that ends
+            return
         name = f"{self._lease_prefix}{{{fp}}}:{_scope_id(_wire(scope))}"
-        lease_ms = int(self.config.probe_lease * 1000)
+        lease = self.config.probe_lease
         try:
-            if await redis.set(name, self.pod, nx=True, px=lease_ms):
-                return  # this pod probes
-            left = await redis.pttl(name)
+            if probing:  # this pod's probe is in flight: keep the others off until its verdict
+                await redis.set(name, self.pod, px=int(lease * 1000))
+                self._plan_probe(provider, key, scope, at=now + lease)
+                return
+            for _ in range(3):  # a lease that lapses between the two calls: try again
+                if await redis.set(name, self.pod, nx=True, px=int(lease * 1000)):
+                    record.health.release(key, scope)  # this pod probes
+                    self._plan_probe(provider, key, scope, at=now + lease)
+                    return
+                left = await redis.pttl(name)
+                if left > 0:
+                    break
+            else:
+                return
         except _FAILURES as exc:
             self._down(exc)
             return
-        hold = runtime.clock() + (left / 1000 if left > 0 else self.config.probe_lease)
-        record.health.hold(key, scope, hold)
-        self._plan_probe(provider, key, scope)
+        record.health.hold(key, scope, now + left / 1000)
+        self._plan_probe(provider, key, scope, at=now + left / 1000)
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -401,9 +429,11 @@ class FleetLink:
                     read.append((provider, key))
                     for back in range(int(WINDOW // FLEET_STEP)):
                         pipe.hmget(f"{self._count_prefix}{{{fp}}}:{bucket - back}", "r", "t")
-            found = await pipe.execute()
-        counts = [pair for pair in found if isinstance(pair, list)]
+            found = await pipe.execute(raise_on_error=False)
+        # Only HMGET answers lists; a stray key of another type answers an error: no count.
         per_key = int(WINDOW // FLEET_STEP)
+        tail = found[len(found) - len(read) * per_key :]
+        counts = [pair if isinstance(pair, list) else [None, None] for pair in tail]
         for i, (provider, key) in enumerate(read):
             buckets = counts[i * per_key : (i + 1) * per_key]
             requests = sum(int(r or 0) for r, _ in buckets)
@@ -444,9 +474,11 @@ class FleetLink:
                     for name in batch:
                         pipe.get(name)
                         pipe.pttl(name)
-                    found = await pipe.execute()
+                    found = await pipe.execute(raise_on_error=False)  # a stray key of another type
                 for raw, left in zip(found[::2], found[1::2], strict=True):
-                    if raw is not None and isinstance(left, int) and left > 0:
+                    if not isinstance(raw, bytes | str) or not isinstance(left, int):
+                        self._facts("in", "invalid").inc()
+                    elif left > 0:
                         self.receive(raw, left / 1000)
         except _FAILURES:
             self._resyncs("failure").inc()
@@ -468,10 +500,12 @@ class FleetLink:
             async with redis.pipeline(transaction=False) as pipe:  # not MGET: the keys span Cluster slots
                 for name in names[start : start + 500]:
                     pipe.get(name)
-                found = await pipe.execute()
+                found = await pipe.execute(raise_on_error=False)
             for raw in found:
-                if raw is not None:
+                if isinstance(raw, bytes | str):
                     self.receive(raw, stored=True)
+                elif raw is not None:
+                    self._facts("in", "invalid").inc()
 
     def _up(self, up: bool) -> None:
         if up and not self.up:

@@ -82,6 +82,7 @@ class Entry:
     probing_since: float | None = None
     last_outcome: Outcome | None = None
     last_failure_at: float = 0.0
+    held_until: float = 0.0  # `until` as another pod's probe lease set it (see LocalHealth.hold)
 
     def blocks(self, now: float, probe_timeout: float) -> bool:
         if self.until > now:
@@ -243,10 +244,25 @@ class LocalHealth:
 
     def hold(self, key: str, scope: Scope, until: float) -> None:
         """Another pod holds the probe of this key: keep it resting here until `until` (or a verdict)."""
+        entry = self._entry(key, scope)
+        if entry is not None and entry.cooled and until > entry.until:
+            entry.until = entry.held_until = until
+
+    def release(self, key: str, scope: Scope) -> None:
+        """This pod holds the probe now: end a hold (never a rest of the key's own) so it probes."""
+        entry = self._entry(key, scope)
+        if entry is not None and entry.held_until and entry.until == entry.held_until:
+            entry.until = min(entry.until, self._clock())
+            entry.held_until = 0.0
+
+    def held(self, key: str, scope: Scope) -> float:
+        """The end of a hold set by `hold` (0 when none): the fleet tells a hold from a rest."""
+        entry = self._entry(key, scope)
+        return entry.held_until if entry is not None else 0.0
+
+    def _entry(self, key: str, scope: Scope) -> Entry | None:
         table = self._wide if scope is ALL_MODELS else self._models.get(scope)
-        entry = table.get(key) if table is not None else None
-        if entry is not None and entry.cooled:
-            entry.until = max(entry.until, until)
+        return table.get(key) if table is not None else None
 
     def clear(self, key: str, scope: Scope) -> bool:
         """Another pod's probe of `key` succeeded: its rest is over here too."""
@@ -257,11 +273,13 @@ class LocalHealth:
             del self._models[scope]
         return True
 
-    def resting(self, key: str, scope: Scope) -> tuple[float, bool] | None:
-        """(when its rest ends, whether it is half-open after it) for the fleet's probe lease."""
-        table = self._wide if scope is ALL_MODELS else self._models.get(scope)
-        entry = table.get(key) if table is not None else None
-        return None if entry is None else (entry.until, entry.cooled)
+    def resting(self, key: str, scope: Scope) -> tuple[float, bool, bool] | None:
+        """(when its rest ends, whether a probe must follow, whether one is in flight), for the
+        fleet's probe lease; None when nothing is remembered."""
+        entry = self._entry(key, scope)
+        if entry is None:
+            return None
+        return entry.until, entry.cooled, entry.probing_since is not None
 
     def _record_scoped(self, entry: Entry, verdict: Verdict, now: float) -> None:
         outcome = verdict.outcome
