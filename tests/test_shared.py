@@ -170,9 +170,26 @@ def test_another_pods_probe_lease_holds_the_key_here() -> None:
     clock.now += 10
     record.hold("a", "m", clock.now + 30)
     assert not record.usable("a", "m")
-    assert record.resting("a", "m") == (clock.now + 30, True)
+    assert record.resting("a", "m") == (clock.now + 30, True, False)
+    assert record.held("a", "m") == clock.now + 30
     record.hold("b", "m", clock.now + 30)  # nothing resting: nothing held
     assert record.usable("b", "m")
+
+    record.release("a", "m")  # this pod won the lease: half-open here, and its one probe
+    assert record.admit("a", "m")
+    assert record.resting("a", "m") == (clock.now, True, True)
+    assert not record.admit("a", "m")
+
+
+def test_a_release_never_ends_a_rest_of_the_keys_own() -> None:
+    clock = Clock()
+    record = health(clock)
+    record.rest("a", "m", Outcome.RATE_LIMITED, 10, 0)
+    clock.now += 10
+    record.hold("a", "m", clock.now + 30)
+    record.rest("a", "m", Outcome.RATE_LIMITED, 60, 1)  # a new 429 while held: a rest of its own
+    record.release("a", "m")
+    assert record.blocker("a", "m").until == clock.now + 60  # type: ignore[union-attr]
 
 
 def test_what_this_pod_learns_is_told_to_the_watcher_once_per_change() -> None:
