@@ -45,7 +45,7 @@ from sidecar.affinity import Owner
 from sidecar.capacity import FLEET_STEP, WINDOW
 from sidecar.config import SharedConfig
 from sidecar.health import ALL_MODELS, Change, HealthSettings, KeyState, Scope
-from sidecar.metrics import Metrics, _Count, _Family, _FamilyCollector
+from sidecar.metrics import Count, Family, FamilyCollector, Metrics
 from sidecar.outcome import Outcome
 from sidecar.runtime import Provider, Runtime
 from sidecar.shared import CLEAR, OWN, REST, SATURATED, WIDE, Fact, Invalid, decode, fingerprint
@@ -109,19 +109,19 @@ class FleetLink:
         self.up = False
         self.loaded = asyncio.Event()  # the first load is done (or Redis could not be reached)
         families = [
-            _Family("gauge", "keymux_shared_store_up", "1 when this pod reaches the shared Redis, 0 when not"),
-            _Family(
+            Family("gauge", "keymux_shared_store_up", "1 when this pod reaches the shared Redis, 0 when not"),
+            Family(
                 "counter",
                 "keymux_shared_facts",
                 "Facts about keys shared with the fleet: direction out (written, dropped when the queue "
                 "was full, failed) or in (applied, unchanged, ignored: not a key held here, invalid)",
                 ["direction", "result"],
             ),
-            _Family("counter", "keymux_shared_resyncs", "Full reads of the fleet's state", ["result"]),
+            Family("counter", "keymux_shared_resyncs", "Full reads of the fleet's state", ["result"]),
         ]
-        self._up_gauge: _Count = families[0]()
+        self._up_gauge: Count = families[0]()
         self._facts, self._resyncs = families[1], families[2]
-        metrics.registry.register(_FamilyCollector(families))
+        metrics.registry.register(FamilyCollector(families))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -135,9 +135,10 @@ class FleetLink:
             await asyncio.wait_for(self.loaded.wait(), bound)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)  # a finished lease task leaves the list as it ends
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             try:
                 await task
             except (asyncio.CancelledError, *_FAILURES):

@@ -33,7 +33,7 @@ NO_MODEL = "unknown"
 KEY_WIDE_LABEL = "*"
 
 
-class _Count:
+class Count:
     __slots__ = ("value",)
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class _Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: `le` holds
 
 
-class _Family:
+class Family:
     """A labelled counter, gauge or histogram and its children by label values."""
 
     def __init__(
@@ -68,12 +68,12 @@ class _Family:
         self.kind, self.name, self.documentation = kind, name, documentation
         self.labels = list(labels)
         self.buckets = tuple(float(b) for b in buckets)
-        self.children: dict[tuple[str, ...], _Count | _Histogram] = {}
+        self.children: dict[tuple[str, ...], Count | _Histogram] = {}
 
-    def __call__(self, *labels: str) -> Any:  # _Count or _Histogram, by kind
+    def __call__(self, *labels: str) -> Any:  # Count or _Histogram, by kind
         child = self.children.get(labels)
         if child is None:
-            child = self.children[labels] = _Histogram(self.buckets) if self.kind == "histogram" else _Count()
+            child = self.children[labels] = _Histogram(self.buckets) if self.kind == "histogram" else Count()
         return child
 
     def forget(self, keep: Callable[[tuple[str, ...]], bool]) -> None:
@@ -99,8 +99,8 @@ class _Family:
         return family
 
 
-class _FamilyCollector(Collector):
-    def __init__(self, families: list[_Family]) -> None:
+class FamilyCollector(Collector):
+    def __init__(self, families: list[Family]) -> None:
         self.families = families
 
     def collect(self) -> Iterator[Metric]:
@@ -222,12 +222,12 @@ class Metrics:
     def __init__(self, max_models: int = 100, known_models: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.models = ModelLabels(max_models, known_models)
-        families: list[_Family] = []
+        families: list[Family] = []
 
         def family(
             kind: str, name: str, doc: str, labels: Iterable[str] = (), buckets: tuple[float, ...] = ()
-        ) -> _Family:
-            families.append(_Family(kind, name, doc, labels, buckets))
+        ) -> Family:
+            families.append(Family(kind, name, doc, labels, buckets))
             return families[-1]
 
         self.requests = family(
@@ -274,7 +274,7 @@ class Metrics:
         self.tokens = family(
             "counter", "keymux_tokens", "Tokens reported in upstream usage", ["provider", "key", "model", "kind"]
         )
-        self.inflight: _Count = family("gauge", "keymux_inflight_requests", "App requests in flight")()
+        self.inflight: Count = family("gauge", "keymux_inflight_requests", "App requests in flight")()
         self.reloads = family("counter", "keymux_config_reloads", "Config reloads", ["result"])
         self.capacity_wait = family(
             "histogram",
@@ -285,7 +285,7 @@ class Metrics:
             WAIT_BUCKETS,
         )
         family("gauge", "keymux_build_info", "keymux build", ["version"])(__version__).inc()
-        self.registry.register(_FamilyCollector(families))
+        self.registry.register(FamilyCollector(families))
 
     def watch_health(self, records: HealthRecords) -> None:
         self.registry.register(KeyStateCollector(records, self.models))
