@@ -274,6 +274,11 @@ class Room:
     held_until: float = 0.0  # another pod found it out of requests: none go to it before this
     announced: float = 0.0  # the end of the last saturation this pod told its fleet of
 
+    @property
+    def empty(self) -> bool:
+        """Nothing learned: no budget, no hold."""
+        return self.requests is None and self.tokens is None and not self.held_until
+
 
 @dataclass(frozen=True, slots=True)
 class Ticket:
@@ -361,6 +366,8 @@ class Capacity:
         self._local = {key.name: _Local(key.rpm, key.tpm) for key in keys if key.rpm or key.tpm}
         self._rooms: OrderedDict[str, dict[str, Room]] = OrderedDict()  # model -> key -> room, LRU first
         self.avoided: dict[tuple[str, str], int] = {}  # (key, limit) -> requests kept off it
+        self._learned_limits = False  # whether any answer reported a requests limit yet
+        self._learned = False  # whether anything at all was learned (a budget, a hold)
         # Told when an answer leaves a (key, model) out of requests: (key, model, seconds), if any.
         self.watcher: Callable[[str, str, float], None] | None = None
 
@@ -372,8 +379,8 @@ class Capacity:
         rooms = self._rooms.get(model)
         room = rooms.get(key) if rooms else None
         local = self._local.get(key)
-        if room is None and local is None:
-            return None
+        if local is None and (room is None or room.empty):
+            return None  # the usual case without limits: nothing to count against
         now = self._clock()
         found = None
         if room is not None:
@@ -387,6 +394,11 @@ class Capacity:
             found = max(found, held) if found else held
         return found
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing to hold any key back: no configured limit, nothing learned. Selection's fast path."""
+        return not self._learned and not self._local
+
     def skipped(self, key: str, limit: str) -> None:
         """Selection passed `key` over because `limit` holds it: a saturation avoided."""
         self.avoided[(key, limit)] = self.avoided.get((key, limit), 0) + 1
@@ -396,7 +408,7 @@ class Capacity:
         configured weight, scaled to the reported limits of the others so the two mix."""
         rooms = self._rooms.get(model)
         configured = self._weights
-        if not rooms:
+        if not rooms or not self._learned_limits:
             return [configured[key.name] for key in keys]
         learned: list[float | None] = []
         scale_sum, scale_count = 0.0, 0
@@ -441,8 +453,10 @@ class Capacity:
             return
         room.reported = ticket.number
         now = room.used = self._clock()
+        self._learned = True
         if report.requests is not None:
             room.requests = requests = _learned(room.requests, report.requests, room.sent - ticket.number, now)
+            self._learned_limits = self._learned_limits or requests.limit is not None
             # The provider says none is left: the fleet rests it too, until the provider's own pace
             # gives one back (each pod's share of it is each pod's own business), once per saturation.
             out = report.requests.remaining < 1 and self.watcher is not None
@@ -479,6 +493,7 @@ class Capacity:
             return
         room = self._room(key, model)
         room.held_until = max(room.held_until, self._clock() + seconds)
+        self._learned = True
 
     def _room(self, key: str, model: str) -> Room:
         rooms = self._rooms

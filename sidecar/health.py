@@ -128,6 +128,11 @@ Watcher = Callable[[Change], None]
 class HealthStore(Protocol):
     """What selection and the attempt ask of a health record. Every call is synchronous."""
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing remembered of any key: every key is usable. Selection's fast path."""
+        ...
+
     def usable(self, key: str, model: str) -> bool:
         """May `key` serve `model` now? Asking claims nothing."""
         ...
@@ -165,6 +170,11 @@ class LocalHealth:
         self.watcher: Watcher | None = None  # told what this pod learned (the fleet link), if any
 
     # -- asked by selection ----------------------------------------------------------------
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing remembered of any key: every key is usable. Selection's fast path."""
+        return not self._wide and not self._models
 
     def usable(self, key: str, model: str) -> bool:
         wide = self._wide.get(key)

@@ -30,6 +30,13 @@ class WeightedRoundRobin:
 
     def choose(self, model: str, exclude: Collection[str] = (), tokens: int = 0) -> Key | None:
         """The key to serve a request for `model` of about `tokens` tokens, or None."""
+        if self.health.quiet and self.capacity.quiet:  # the usual case: every key is fit
+            fit = [key for key in self.keys if key.allows(model)]
+            candidates = [key for key in fit if key.name not in exclude] if exclude else fit
+            if not candidates:
+                return None
+            tried = [key for key in fit if key.name in exclude] if exclude else []
+            return candidates[0] if len(candidates) == 1 and not tried else self._pick(model, candidates, tried)
         usable = self.health.usable
         ready_at = self.capacity.ready_at
         candidates = []
