@@ -83,7 +83,12 @@ class WaitingLine:
                 continue
             now = plan.clock()
             if waiter.ready <= now or loop.time() >= waiter.gives_up:
-                attempt = plan.next()
+                try:
+                    attempt = plan.next()
+                except Exception as exc:  # a bug of keymux's own: that request answers 500, not the line
+                    future.set_exception(exc)
+                    self._line.pop(waiter, None)
+                    continue
                 if attempt is not None:
                     future.set_result(attempt)
                     self._line.pop(waiter, None)
