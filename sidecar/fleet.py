@@ -226,7 +226,7 @@ class FleetLink:
             await redis.delete(name)
         else:
             await redis.eval(_SET_IF_LATER, 1, name, payload, max(1, int(fact.ttl * 1000)))
-        if fact.pod == self.pod:  # a verdict of this pod's: a probe lease it held has served
+        if fact.pod == self.pod and fact.why != SATURATED:  # this pod's verdict: its probe lease has served
             await redis.eval(_DELETE_IF_MINE, 1, f"{self._lease_prefix}{{{fact.key}}}:{scope_id}", self.pod)
 
     # -- what the others learned: in --------------------------------------------------------
