@@ -216,13 +216,14 @@ class Budget:
             return self.full_at
         return None
 
-    def refilled(self, now: float) -> float | None:
-        """When the provider's room (for all its users) holds one request again, as its own pace
-        says: what a saturation tells the fleet. None when nothing says when."""
-        if self.alone >= 1:
+    def refilled(self, remaining: float, now: float) -> float | None:
+        """When the provider's room (for all its users), `remaining` when it answered, holds one
+        request again at its own pace: what a saturation tells the fleet (each pod's share of that
+        room is each pod's own estimate). None when nothing says when."""
+        if remaining >= 1:
             return None
         if self.rate:
-            return now + (1 - self.alone) / self.rate
+            return now + (1 - remaining) / self.rate
         return self.full_at if self.full_at is not None and self.full_at > now else None
 
     def learn(self, window: Window, behind: float, now: float) -> None:
@@ -248,7 +249,7 @@ class Budget:
         self.full_at = None if reset is None else now + reset
         self.alone = actual
         # What remains is there for every user of the key: this pod counts on its share of it.
-        self.level = actual * self.share if actual > 0 else actual
+        self.level = math.floor(actual * self.share) if actual > 0 else actual  # whole requests
         self.taken = 0.0
         self.at = now
 
@@ -457,10 +458,9 @@ class Capacity:
         if report.requests is not None:
             room.requests = requests = _learned(room.requests, report.requests, room.sent - ticket.number, now)
             self._learned_limits = self._learned_limits or requests.limit is not None
-            # The provider says none is left: the fleet rests it too, until the provider's own pace
-            # gives one back (each pod's share of it is each pod's own business), once per saturation.
+            # The provider says none is left: the fleet rests it too, once per saturation.
             out = report.requests.remaining < 1 and self.watcher is not None
-            if out and (at := requests.refilled(now)) is not None and at > room.announced:
+            if out and (at := requests.refilled(report.requests.remaining, now)) is not None and at > room.announced:
                 room.announced = at
                 self.watcher(key, model, at - now)  # type: ignore[misc]
         if report.tokens is not None:

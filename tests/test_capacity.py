@@ -200,7 +200,7 @@ def test_a_limit_for_one_model_leaves_the_others_alone() -> None:
 
 def test_this_pods_share_follows_what_others_take() -> None:
     """Another pod takes three requests for each one of this pod's: the room it counts on and its
-    refill shrink toward a quarter of the provider's."""
+    refill shrink toward that share of the provider's."""
     clock = Clock()
     capacity = Capacity(keys("a"), clock)
     steady = Report(Window(10, 20, 0.5))  # half full, whole again in 0.5 s: 20 per second
@@ -209,8 +209,10 @@ def test_this_pods_share_follows_what_others_take() -> None:
         clock.now += 0.2  # the provider refills 4 in that time, and four requests take them
         capacity.learn("a", "m", steady, capacity.sent("a", "m", 0))
     room = capacity._rooms["m"]["a"].requests
-    assert room is not None and room.share == pytest.approx(0.25, abs=0.03)
-    assert room.room(clock.now) == pytest.approx(10 * room.share)  # what remains, this pod's part
+    # Per answer the pace read is (20 - 10 - 0.5) / 0.5 = 19/s: the others took 10 + 19 x 0.2 - 1 -
+    # 10 = 2.8 to this pod's 1, a share of 1 / 3.8.
+    assert room is not None and room.share == pytest.approx(1 / 3.8, abs=0.005)
+    assert room.room(clock.now) == 2  # whole requests of what remains: this pod's part, rounded down
 
 
 def test_configured_rpm_holds_the_key_for_every_model_until_the_window_slides() -> None:
