@@ -321,6 +321,8 @@ class FleetLink:
                 await redis.set(name, self.pod, px=int(lease * 1000))
                 self._plan_probe(provider, key, scope, at=now + lease)
                 return
+            # Held while the round is open, the last winner included: never two pods half-open.
+            record.health.hold(key, scope, now + lease)
             for _ in range(3):  # a lease that lapses between the two calls: try again
                 if await redis.set(name, self.pod, nx=True, px=int(lease * 1000)):
                     record.health.release(key, scope)  # this pod probes
@@ -330,8 +332,10 @@ class FleetLink:
                 if left > 0:
                     break
             else:
+                record.health.release(key, scope)
                 return
         except _FAILURES as exc:
+            record.health.release(key, scope)  # no fleet to ask: this pod probes on its own
             self._down(exc)
             return
         record.health.hold(key, scope, now + left / 1000)

@@ -83,6 +83,7 @@ class Entry:
     last_outcome: Outcome | None = None
     last_failure_at: float = 0.0
     held_until: float = 0.0  # `until` as another pod's probe lease set it (see LocalHealth.hold)
+    rest_until: float = 0.0  # `until` before that hold: when the key's own rest ends
 
     def blocks(self, now: float, probe_timeout: float) -> bool:
         if self.until > now:
@@ -243,6 +244,9 @@ class LocalHealth:
         now = self._clock()
         entry = self._wide.setdefault(key, Entry()) if scope is ALL_MODELS else self._scoped_entry(key, scope, now)
         until = now + seconds
+        # A verdict came while the key was held for another pod's probe: what keeps it resting now
+        # is that verdict's rest, which winning the next lease must not end.
+        entry.held_until = 0.0
         if entry.until >= until:
             return False
         entry.until = until
@@ -256,13 +260,15 @@ class LocalHealth:
         """Another pod holds the probe of this key: keep it resting here until `until` (or a verdict)."""
         entry = self._entry(key, scope)
         if entry is not None and entry.cooled and until > entry.until:
+            if not entry.held_until:
+                entry.rest_until = entry.until
             entry.until = entry.held_until = until
 
     def release(self, key: str, scope: Scope) -> None:
         """This pod holds the probe now: end a hold (never a rest of the key's own) so it probes."""
         entry = self._entry(key, scope)
         if entry is not None and entry.held_until and entry.until == entry.held_until:
-            entry.until = min(entry.until, self._clock())
+            entry.until = max(entry.rest_until, min(entry.until, self._clock()))  # the rest itself stays
             entry.held_until = 0.0
 
     def held(self, key: str, scope: Scope) -> float:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -113,3 +115,14 @@ def provider_config(type_: str, base_url: str, keys: dict[str, str], extra: str 
 
 def openai_config(base_url: str, keys: dict[str, str], extra: str = "") -> str:
     return provider_config("openai", base_url, keys, extra)
+
+
+async def read_json_log(process: asyncio.subprocess.Process, into: list[dict[str, object]]) -> None:
+    """Collect a keymux subprocess's JSON log lines from its stderr (a line that is not JSON as its msg)."""
+    assert process.stderr is not None
+    async for raw in process.stderr:
+        line = raw.decode(errors="replace").strip()
+        try:
+            into.append(json.loads(line))
+        except ValueError:
+            into.append({"msg": line})

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from sidecar.redact import PIECE
-from tests.conftest import FakeServer
+from tests.conftest import FakeServer, read_json_log
 from tests.redisfix import HOST, SHARED_PORT, Namespace, RedisServer, free_port, unique_namespace
 
 pytestmark = pytest.mark.timeout(60)
@@ -200,7 +200,7 @@ class Harness:
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         pod = Pod(spec.name, process, f"http://{HOST}:{app}", f"http://{HOST}:{admin}", aiohttp.ClientSession())
-        pod.reader = asyncio.create_task(_read_log(process, pod.log))
+        pod.reader = asyncio.create_task(read_json_log(process, pod.log))
         self.pods.append(pod)
         return pod
 
@@ -256,16 +256,6 @@ class Harness:
             await ns.close()
         for server in self.servers:
             await server.kill()
-
-
-async def _read_log(process: asyncio.subprocess.Process, into: list[dict[str, Any]]) -> None:
-    assert process.stderr is not None
-    async for raw in process.stderr:
-        line = raw.decode(errors="replace").strip()
-        try:
-            into.append(json.loads(line))
-        except ValueError:
-            into.append({"msg": line})
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from sidecar.watch import watch_files
+from tests.conftest import read_json_log
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -170,7 +171,7 @@ class Launcher:
         process = await run_keymux(config_path)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         km = Keymux(process, f"http://127.0.0.1:{self.app_port}", f"http://127.0.0.1:{self.admin_port}", session)
-        km.reader = asyncio.create_task(_read_log(process, km.log))
+        km.reader = asyncio.create_task(read_json_log(process, km.log))
         self.started.append(km)
 
         async def ready() -> bool:
@@ -202,16 +203,6 @@ async def launcher() -> AsyncIterator[Launcher]:
     launcher = Launcher()
     yield launcher
     await launcher.close()
-
-
-async def _read_log(process: asyncio.subprocess.Process, into: list[dict[str, object]]) -> None:
-    assert process.stderr is not None
-    async for raw in process.stderr:
-        line = raw.decode(errors="replace").strip()
-        try:
-            into.append(json.loads(line))
-        except ValueError:
-            into.append({"msg": line})
 
 
 async def start_with_file(launcher: Launcher, tmp_path: Path, text: str) -> Keymux:

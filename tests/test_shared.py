@@ -181,6 +181,20 @@ def test_another_pods_probe_lease_holds_the_key_here() -> None:
     assert not record.admit("a", "m")
 
 
+def test_winning_the_lease_before_the_rest_ends_keeps_the_rest() -> None:
+    """The lease is contested a moment before the rest ends: winning it ends the hold, not the rest."""
+    clock = Clock()
+    record = health(clock)
+    record.rest("a", "m", Outcome.RATE_LIMITED, 1.0, 0)
+    clock.now += 0.5
+    record.hold("a", "m", clock.now + 1.0)  # the round is open
+    record.release("a", "m")  # ... and this pod won it
+    assert not record.usable("a", "m")
+    assert record.blocker("a", "m").until == clock.now + 0.5  # type: ignore[union-attr]
+    clock.now += 0.5
+    assert record.admit("a", "m")  # then its probe
+
+
 def test_a_release_never_ends_a_rest_of_the_keys_own() -> None:
     clock = Clock()
     record = health(clock)
