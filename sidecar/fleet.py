@@ -304,18 +304,22 @@ class FleetLink:
         record = runtime.providers.get(provider)
         fp = self._fps.get((provider, key))
         redis = self._redis
-        if record is None or fp is None or redis is None or not self.up:
-            return  # no fleet to ask: this pod probes on its own
+        if record is None or fp is None:
+            return  # the key left the config
         resting = record.health.resting(key, scope)
         if resting is None or not resting[1]:
             return  # a proven success ended it
         until, _, probing = resting
         now = runtime.clock()
+        lease = self.config.probe_lease
+        if redis is None or not self.up:  # no fleet to ask: this pod probes on its own, and asks again later
+            record.health.release(key, scope)
+            self._plan_probe(provider, key, scope, at=now + lease)
+            return
         if until > now + 2 * self.config.timeout + 0.05 and until != record.health.held(key, scope):
             self._plan_probe(provider, key, scope)  # it rests longer now: contest before that ends
             return
         name = f"{self._lease_prefix}{{{fp}}}:{_scope_id(_wire(scope))}"
-        lease = self.config.probe_lease
         try:
             if probing:  # this pod's probe is in flight: keep the others off until its verdict
                 await redis.set(name, self.pod, px=int(lease * 1000))
@@ -331,11 +335,12 @@ class FleetLink:
                 left = await redis.pttl(name)
                 if left > 0:
                     break
-            else:
-                record.health.release(key, scope)
+            else:  # lapsing under our hands three times: another round at once
+                self._plan_probe(provider, key, scope, at=now)
                 return
         except _FAILURES as exc:
             record.health.release(key, scope)  # no fleet to ask: this pod probes on its own
+            self._plan_probe(provider, key, scope, at=now + lease)  # and it rejoins the rounds later
             self._down(exc)
             return
         record.health.hold(key, scope, now + left / 1000)
