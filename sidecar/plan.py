@@ -231,12 +231,7 @@ class Plan(Generic[U]):
     def recovery(self) -> float | None:
         """When the first key the request could still use is free again by itself: the end of a
         rate limit's rest or of a saturation. None when no such key is held only by those."""
-        ready = None
-        for _, _, held in self._candidates():
-            if held and all(_recovers(status) for status in held):
-                at = max(status.until for status in held if status.until is not None)
-                ready = at if ready is None else min(ready, at)
-        return ready
+        return _first_recovery(self._candidates())
 
     def wait_until(self) -> tuple[float, float] | None:
         """Whether to wait for a key, rather than answer now: (when one should be ready, the
@@ -266,7 +261,7 @@ class Plan(Generic[U]):
             detail = f"no configured key is allowed to serve model '{model}'" if model else "no keys are configured"
         else:
             detail = f"no key can serve model '{model}' right now: " + "; ".join(parts)
-        ready = self.recovery()
+        ready = _first_recovery(candidates)
         if ready is not None:
             return LocalAnswer(429, "no_key_available", f"keymux: {detail}", Outcome.NO_KEY_AVAILABLE, ready - now)
         waits = [s.until - now for _, _, held in candidates for s in held if s.until is not None]
@@ -293,6 +288,16 @@ class Plan(Generic[U]):
         wait = None if status.until is None else status.until - self.clock()
         message = f"{made}, which cannot serve it now: {_describe(owner.provider, status, self.clock())}"
         return LocalAnswer(429 if limited else 503, "resource_key_unavailable", message, Outcome.NO_KEY_AVAILABLE, wait)
+
+
+def _first_recovery(candidates: list[tuple[str, str, list[KeyStatus]]]) -> float | None:
+    """The earliest time a candidate held only by rests that end by themselves is free again."""
+    ready = None
+    for _, _, held in candidates:
+        if held and all(_recovers(status) for status in held):
+            at = max(status.until for status in held if status.until is not None)
+            ready = at if ready is None else min(ready, at)
+    return ready
 
 
 def _recovers(status: KeyStatus) -> bool:
